@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` (default workflow) and `make test` (test suite).
+# Both create .venv on first use; torch is pinned and installed first, because an unpinned
+# torch (pulled in by peft/accelerate/diffusers when absent) fetches a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+
+.PHONY: run test ci-workflow setup clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+
+test: setup
+	$(BIN)/python -m pytest
+
+ci-workflow: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile configs/ci.yaml
+
+clean:
+	rm -rf results logs .snakemake

@@ -1,0 +1,106 @@
+"""Loading and validating the workflow configuration.
+
+The JSON schema in ``workflow/schemas/config.schema.yaml`` is the single source of truth for keys,
+types and defaults; this module applies it (filling defaults) and adds the cross-field checks a
+schema cannot express. The Snakefile and the tests both go through :func:`validate_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every offending key."""
+
+
+def _validator_with_defaults() -> type:
+    base = jsonschema.Draft202012Validator
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def _location(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` in place (filling schema defaults) and return it.
+
+    Raises :class:`ConfigError` listing every problem as ``<key path>: <reason>``.
+    """
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = _validator_with_defaults()(schema)
+    # Two passes: the first fills defaults of nested objects created by the first pass.
+    for _ in range(2):
+        errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+        if errors:
+            lines = [f"  {_location(e)}: {e.message}" for e in errors]
+            raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: dict[str, Any]) -> None:
+    train, drpo = config["train"], config["drpo"]
+    problems = []
+    if "drpo" in train["methods"] and drpo["num_pos"] + drpo["num_neg"] > train["candidates"]:
+        problems.append(
+            f"drpo.num_pos ({drpo['num_pos']}) + drpo.num_neg ({drpo['num_neg']}) must not exceed "
+            f"train.candidates (K = {train['candidates']})"
+        )
+    if train["checkpoint_every"] > train["steps"]:
+        problems.append(
+            f"train.checkpoint_every ({train['checkpoint_every']}) exceeds train.steps ({train['steps']})"
+        )
+    if not config["world"]["enabled"] and not (config["prompts"]["train"] and config["prompts"]["test"]):
+        problems.append("world.enabled is false, so prompts.train and prompts.test must name prompt files")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config, merge ``overrides`` (nested dicts merge key by key) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    config = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        config = merge(config, overrides)
+    return validate_config(config)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively with ``update`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_device(name: str) -> str:
+    """Map the config's device ("auto", "cpu", "cuda") to a torch device string."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but torch sees no CUDA device; use device: cpu or auto")
+    return name

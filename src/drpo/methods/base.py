@@ -1,0 +1,46 @@
+"""What every training method implements: turn one prompt's candidates into a loss."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PromptBatch:
+    """One micro-step of online training: one prompt and its K noises.
+
+    noise, reference: (K, C, H, W); reference holds the frozen base generator's latents for the
+    same noises (from the reference bank). metadata is the prompt's GenEval row when known.
+    """
+
+    prompt: str
+    noise: torch.Tensor
+    reference: torch.Tensor
+    metadata: dict | None = None
+
+
+class Method(ABC):
+    """A training method on the shared loop (LoRA, optimizer, checkpoints are the loop's job).
+
+    Subclasses set ``name`` and ``needs_reward_gradient`` and implement :meth:`loss`.
+    """
+
+    name: str = ""
+    #: Methods that backpropagate through the reward refuse non-differentiable rewards.
+    needs_reward_gradient: bool = False
+
+    def __init__(self, generator, reward) -> None:
+        if self.needs_reward_gradient and not getattr(reward, "differentiable", False):
+            raise ValueError(
+                f"method {self.name!r} needs reward gradients but reward {reward.name!r} is not "
+                "differentiable; use a gradient-free method such as drpo"
+            )
+        self.generator = generator
+        self.reward = reward
+
+    @abstractmethod
+    def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss for one prompt (gradient flows into the generator's LoRA) and log values."""

@@ -1,0 +1,156 @@
+"""What each workflow stage does, given the validated config. The Snakemake scripts call these.
+
+Every stage takes plain paths so it can also be run from Python or a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from drpo.config import resolve_device
+from drpo.provenance import write_provenance
+
+
+# ----------------------------------------------------------------------------------- components
+def load_models(config: dict, *, features: bool = True):
+    """(generator, reward, feature encoder or None) as configured, on the configured device."""
+    from drpo.features import build_feature_encoder
+    from drpo.generators import load_generator
+    from drpo.rewards import build_reward
+
+    device = resolve_device(config["device"])
+    models = config["models"]
+    generator = load_generator(models["generator"]["path"], models["generator"]["kind"], device=device)
+    reward = build_reward(models["reward"]["name"], model_path=models["reward"]["path"], device=device)
+    encoder = None
+    if features:
+        spec = models["features"]
+        kwargs = {"keys": tuple(spec["keys"])}
+        if spec.get("checkpoint"):
+            kwargs["checkpoint"] = spec["checkpoint"]
+        encoder = build_feature_encoder(spec["name"], **kwargs).to(device)
+    return generator, reward, encoder
+
+
+def world_spec(config: dict):
+    from drpo.world.spec import WorldSpec
+
+    return WorldSpec.from_dict(config["world"]["spec"]) if config["world"]["enabled"] else None
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Prompt rows from a GenEval metadata .jsonl or a .txt prompt file ({"prompt": ...} rows)."""
+    from drpo.world.prompts import read_prompts
+
+    return read_prompts(path)
+
+
+# ----------------------------------------------------------------------------------- stages
+def make_world(config: dict, train_out: str | Path, test_out: str | Path) -> None:
+    from drpo.world.prompts import make_splits, write_metadata_jsonl
+
+    world = config["world"]
+    train_rows, test_rows = make_splits(world_spec(config), n_train=world["n_train_prompts"],
+                                        n_test=world["n_test_prompts"], seed=world["split_seed"])
+    write_metadata_jsonl(train_rows, train_out)
+    write_metadata_jsonl(test_rows, test_out)
+
+
+def make_reference_bank(config: dict, prompts_path: str | Path, bank_out: str | Path) -> None:
+    from drpo.reference import build_reference_bank
+
+    generator, _, _ = load_models(config, features=False)
+    rows = read_rows(prompts_path)
+    train = config["train"]
+    bank = build_reference_bank(generator, [row["prompt"] for row in rows],
+                                candidates=train["candidates"], noise_sets=train["reference_noise_sets"],
+                                seed=0, batch_size=config["evaluate"]["batch_size"])
+    bank.save(bank_out)
+
+
+def run_training(config: dict, method_name: str, seed: int, bank_path: str | Path,
+                 prompts_path: str | Path, run_dir: str | Path, log=print) -> Path:
+    from drpo.methods import build_method
+    from drpo.reference import ReferenceBank
+    from drpo.train import TrainSettings, train
+
+    run_dir = Path(run_dir)
+    write_provenance(run_dir, config, {"method": method_name, "seed": seed})
+    generator, reward, features = load_models(config)
+    method = build_method(method_name, generator, reward, features, config)
+    bank = ReferenceBank.load(bank_path)
+    rows = read_rows(prompts_path)
+    if [row["prompt"] for row in rows] != bank.prompts:
+        raise ValueError(f"reference bank {bank_path} was built for other prompts than {prompts_path}; "
+                         "rerun the reference_bank rule")
+    settings = TrainSettings.from_config(config["train"], seed)
+    return train(method, bank, settings, run_dir, metadata=rows, log=log)
+
+
+def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Path,
+                   per_image_out: str | Path, *, method: str, seed: int, step: int,
+                   run_dir: str | Path | None = None) -> dict:
+    """Evaluate the base (run_dir None) or the checkpoint ``step`` of the run in ``run_dir``."""
+    from drpo.evaluate import sample_latents, score_latents, summarize
+    from drpo.lora import load_lora
+    from drpo.train import CHECKPOINT_PREFIX
+
+    generator, reward, _ = load_models(config, features=False)
+    adapters = run_dir is not None
+    if adapters:
+        load_lora(generator.unet, Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}")
+    rows = read_rows(prompts_path)
+    evaluation = config["evaluate"]
+    if evaluation["max_prompts"]:
+        rows = rows[: evaluation["max_prompts"]]
+    seeds = evaluation["seeds"]
+    latents = sample_latents(generator, [row["prompt"] for row in rows], seeds,
+                             batch_size=evaluation["batch_size"], adapters=adapters)
+    images_dir = Path(summary_out).parent / "geneval_samples" if evaluation["save_images"] else None
+    per_image, per_prompt = score_latents(generator, reward, latents, rows, seeds,
+                                          batch_size=evaluation["batch_size"],
+                                          world_spec=world_spec(config), images_dir=images_dir)
+    per_image = per_image.merge(per_prompt, on="prompt_index")
+    per_image.to_parquet(per_image_out, index=False)
+    summary = {"method": method, "seed": seed, "step": step,
+               **summarize(per_image, per_prompt, reward_scale=getattr(reward, "report_scale", 1.0))}
+    Path(summary_out).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def make_report(summary_files: list[str], tables_dir: str | Path, reward_png: str | Path,
+                geneval_png: str | Path) -> None:
+    from drpo.evaluate import GENEVAL_TAGS
+    from drpo.report import collect, plot_curves, write_tables
+
+    steps = collect(summary_files)
+    write_tables(steps, tables_dir)
+    plot_curves(steps, ["reward", "geneval_overall", "diversity"], reward_png)
+    plot_curves(steps, [f"geneval_{tag}" for tag in GENEVAL_TAGS], geneval_png)
+
+
+@torch.no_grad()
+def make_grid(config: dict, prompts_path: str | Path, run_dir: str | Path, method: str,
+              out_png: str | Path) -> None:
+    from drpo.evaluate import sample_latents
+    from drpo.lora import load_lora
+    from drpo.report import plot_grid
+    from drpo.train import latest_checkpoint
+
+    generator, _, _ = load_models(config, features=False)
+    rows = read_rows(prompts_path)
+    indices = [i for i in config["report"]["grid_prompts"] if i < len(rows)]
+    seeds = config["report"]["grid_seeds"]
+    prompts = [rows[i]["prompt"] for i in indices]
+    load_lora(generator.unet, latest_checkpoint(run_dir))
+
+    def images(adapters: bool):
+        latents = sample_latents(generator, prompts, seeds, adapters=adapters, prompt_indices=indices)
+        pixels = ((generator.decode(latents.to(generator.device)).clamp(-1, 1) + 1) * 127.5).round()
+        return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy().reshape(
+            len(prompts), len(seeds), *pixels.shape[2:], 3)
+
+    plot_grid(images(False), images(True), prompts, out_png, tuned_label=method)

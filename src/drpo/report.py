@@ -1,0 +1,125 @@
+"""Tables and figures regenerated from evaluation results (no model is needed here except the grid)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from drpo.evaluate import GENEVAL_TAGS  # noqa: E402
+
+METRIC_LABELS = {
+    "reward": "target reward ×100",
+    "geneval_overall": "GenEval-lite overall (%)",
+    "diversity": "diversity (cosine distance)",
+    **{f"geneval_{tag}": f"GenEval-lite {tag} (%)" for tag in GENEVAL_TAGS},
+}
+
+
+def collect(summary_files: list[str | Path]) -> pd.DataFrame:
+    """Stack evaluation summaries (JSON: method, seed, step and metrics) into one table."""
+    rows = [json.loads(Path(path).read_text()) for path in summary_files]
+    if not rows:
+        raise ValueError("no evaluation summaries to report")
+    return pd.DataFrame.from_records(rows).sort_values(["method", "seed", "step"]).reset_index(drop=True)
+
+
+def with_base_rows(steps: pd.DataFrame) -> pd.DataFrame:
+    """Add the base generator as step 0 of every (method, seed) curve."""
+    base = steps[steps["method"] == "base"]
+    curves = [steps[steps["method"] != "base"]]
+    for (method, seed), _ in steps[steps["method"] != "base"].groupby(["method", "seed"]):
+        curves.append(base.assign(method=method, seed=seed, step=0))
+    return pd.concat(curves).sort_values(["method", "seed", "step"]).reset_index(drop=True)
+
+
+def final_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Base row plus one row per method at its last step: mean and std over seeds, seed count."""
+    metrics = [c for c in METRIC_LABELS if c in steps]
+    base = steps[steps["method"] == "base"]
+    trained = steps[steps["method"] != "base"]
+    last = trained[trained["step"] == trained.groupby("method")["step"].transform("max")]
+    rows = []
+    for method, group in [("base", base), *last.groupby("method")]:
+        row = {"method": method, "steps": int(group["step"].max()), "seeds": group["seed"].nunique()}
+        for metric in metrics:
+            row[metric] = group[metric].mean()
+            row[f"{metric}_std"] = group[metric].std(ddof=0) if len(group) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def write_tables(steps: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps.to_parquet(out_dir / "steps.parquet", index=False)
+    steps.to_csv(out_dir / "steps.csv", index=False, float_format="%.4f")
+    table = final_table(steps)
+    table.to_parquet(out_dir / "summary.parquet", index=False)
+    table.to_csv(out_dir / "summary.csv", index=False, float_format="%.4f")
+    (out_dir / "summary.md").write_text(markdown_table(table))
+    return table
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The summary as a Markdown table with mean ± std cells."""
+    metrics = [c for c in METRIC_LABELS if c in table]
+    header = ["method", "steps", "seeds", *[METRIC_LABELS[m] for m in metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [row["method"], str(row["steps"]), str(row["seeds"])]
+        cells += [f"{row[m]:.2f} ± {row[m + '_std']:.2f}" if m != "diversity"
+                  else f"{row[m]:.4f} ± {row[m + '_std']:.4f}" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path) -> None:
+    """Metric against update step, mean over seeds with a ±1 std band, one panel per metric."""
+    curves = with_base_rows(steps)
+    metrics = [m for m in metrics if m in curves]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method, group in curves.groupby("method"):
+            stats = group.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
+            n_seeds = group["seed"].nunique()
+            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=f"{method} ({n_seeds} seeds)")
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+        ax.set_xlabel("update step")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_grid(base: np.ndarray, tuned: np.ndarray, prompts: list[str], path: str | Path, *,
+              tuned_label: str = "DrPO") -> None:
+    """Base vs finetuned images for the same prompts and seeds.
+
+    base, tuned: uint8 (n_prompts, n_seeds, H, W, 3). One row pair per prompt.
+    """
+    n_prompts, n_seeds = base.shape[:2]
+    fig, axes = plt.subplots(n_prompts, 2 * n_seeds, figsize=(1.3 * 2 * n_seeds + 1, 1.45 * n_prompts),
+                             squeeze=False)
+    for i in range(n_prompts):
+        for j in range(n_seeds):
+            for k, (images, label) in enumerate(((base, "base"), (tuned, tuned_label))):
+                ax = axes[i][k * n_seeds + j]
+                ax.imshow(images[i, j], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"{label} s{j}", fontsize=7)
+        axes[i][0].set_ylabel(prompts[i].removeprefix("a photo of "), fontsize=6, rotation=0,
+                              ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

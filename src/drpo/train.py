@@ -1,0 +1,171 @@
+"""The training loop shared by every method: LoRA, AdamW, gradient accumulation, checkpoints, resume.
+
+One optimizer update = ``prompts_per_step`` micro-steps of one prompt and K candidates each (the
+paper's layout: batch of one prompt per process, gradient accumulation over prompts).
+
+Data order is a pure function of the update index: prompts are shuffled once with the run seed and
+cycled; the noise set of a prompt is its epoch modulo the bank's noise sets. Checkpoints hold the
+LoRA (diffusers format), the optimizer state and the update index, so a killed run resumes from
+its latest checkpoint with exactly the data and state it would have had.
+
+Layout of ``run_dir``::
+
+    checkpoints/checkpoint-<step>/pytorch_lora_weights.safetensors, lora_config.json,
+                                  optimizer.pt, training_state.json
+    metrics.jsonl     one JSON line per update
+    train_done.json   written last; its presence means the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from drpo.lora import add_lora, load_lora, save_lora
+from drpo.methods.base import Method, PromptBatch
+from drpo.reference import ReferenceBank
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    prompts_per_step: int
+    candidates: int
+    checkpoint_every: int
+    learning_rate: float
+    seed: int
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    lora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 16, "dropout": 0.0,
+                                                 "targets": ["to_q", "to_k", "to_v", "to_out.0"]})
+
+    @classmethod
+    def from_config(cls, train: dict, seed: int) -> "TrainSettings":
+        keys = ("steps", "prompts_per_step", "candidates", "checkpoint_every", "learning_rate",
+                "weight_decay", "adam_eps", "max_grad_norm", "mixed_precision", "lora")
+        return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), **{k: train[k] for k in keys})
+
+
+def checkpoint_steps(steps: int, every: int) -> list[int]:
+    """Update indices at which checkpoints are written (always including the last)."""
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "training_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+class PromptSchedule:
+    """Which prompt and noise set each micro-step uses (a pure function of the micro-step index)."""
+
+    def __init__(self, num_prompts: int, noise_sets: int, seed: int) -> None:
+        if num_prompts == 0:
+            raise ValueError("no training prompts")
+        self.order = list(range(num_prompts))
+        random.Random(seed).shuffle(self.order)
+        self.noise_sets = noise_sets
+
+    def __call__(self, micro_step: int) -> tuple[int, int]:
+        epoch, position = divmod(micro_step, len(self.order))
+        return self.order[position], epoch % self.noise_sets
+
+
+def _autocast(device: str, mixed_precision: str):
+    if mixed_precision == "no":
+        return torch.autocast(device_type=device, enabled=False)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def _save_checkpoint(run_dir: Path, step: int, unet, optimizer, settings: TrainSettings) -> None:
+    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_lora(unet, tmp, metadata={"step": step, "seed": settings.seed})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "training_state.json").write_text(json.dumps({"step": step, "seed": settings.seed}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # a killed job leaves at most a *.tmp folder, never a half checkpoint
+
+
+def train(method: Method, bank: ReferenceBank, settings: TrainSettings, run_dir: str | Path, *,
+          metadata: list[dict] | None = None, log=print) -> Path:
+    """Train ``method``'s generator on the bank's prompts; resume from the latest checkpoint.
+
+    Returns the path of ``train_done.json``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    generator = method.generator
+    if bank.noise.shape[2] != settings.candidates:
+        raise ValueError(f"reference bank has K={bank.noise.shape[2]} noises per cell but "
+                         f"train.candidates is {settings.candidates}; rebuild the bank")
+    torch.manual_seed(settings.seed)
+    params = add_lora(generator.unet, rank=settings.lora["rank"], alpha=settings.lora["alpha"],
+                      dropout=settings.lora["dropout"], targets=tuple(settings.lora["targets"]))
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.adam_betas,
+                                  weight_decay=settings.weight_decay, eps=settings.adam_eps)
+    start = 0
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        load_lora(generator.unet, resume)
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+        start = json.loads((resume / "training_state.json").read_text())["step"]
+        log(f"resuming from {resume} (update {start} of {settings.steps})")
+    schedule = PromptSchedule(len(bank.prompts), bank.noise_sets, settings.seed)
+    log(f"effective batch per update: {settings.prompts_per_step} prompts x K={settings.candidates} "
+        f"= {settings.prompts_per_step * settings.candidates} images")
+    saves = set(checkpoint_steps(settings.steps, settings.checkpoint_every))
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    device = str(generator.device).split(":")[0]
+    for step in tqdm(range(start + 1, settings.steps + 1), desc=f"train {method.name}",
+                     initial=start, total=settings.steps):
+        began = time.perf_counter()
+        logs: dict[str, float] = {}
+        for micro in range(settings.prompts_per_step):
+            prompt_index, noise_set = schedule((step - 1) * settings.prompts_per_step + micro)
+            noise, reference = bank.cell(prompt_index, noise_set)
+            batch = PromptBatch(prompt=bank.prompts[prompt_index], noise=noise, reference=reference,
+                                metadata=metadata[prompt_index] if metadata else None)
+            with _autocast(device, settings.mixed_precision):
+                loss, micro_logs = method.loss(batch)
+            (loss / settings.prompts_per_step).backward()
+            for key, value in {"loss": loss.item(), **micro_logs}.items():
+                logs[key] = logs.get(key, 0.0) + value / settings.prompts_per_step
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step, **logs, "grad_norm": grad_norm.item(),
+                  "seconds": time.perf_counter() - began}
+        with metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if step in saves:
+            _save_checkpoint(run_dir, step, generator.unet, optimizer, settings)
+    done = run_dir / "train_done.json"
+    done.write_text(json.dumps({"steps": settings.steps, "method": method.name,
+                                "seed": settings.seed}) + "\n")
+    return done
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (written by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,56 @@
+# Helpers shared by the rules: config validation, output paths, target lists.
+from drpo.config import validate_config
+from drpo.train import checkpoint_steps
+
+validate_config(config)
+
+R = config["results_dir"]
+RUN = R + "/runs/{method}/seed{seed}"
+EVAL = R + "/eval/{method}/seed{seed}/step{step}"
+
+
+wildcard_constraints:
+    method="[a-z0-9_]+",
+    seed=r"\d+",
+    step=r"\d+",
+
+
+def train_prompts():
+    if config["world"]["enabled"]:
+        return f"{R}/world/train_metadata.jsonl"
+    return config["prompts"]["train"]
+
+
+def test_prompts():
+    if config["world"]["enabled"]:
+        return f"{R}/world/test_metadata.jsonl"
+    return config["prompts"]["test"]
+
+
+def model_inputs():
+    """Files of the configured models (their presence is what the rules depend on)."""
+    models = config["models"]
+    files = {"generator": models["generator"]["path"] + "/model_index.json",
+             "reward": models["reward"]["path"] + "/config.json"}
+    if models["features"].get("checkpoint"):
+        files["features"] = models["features"]["checkpoint"]
+    return files
+
+
+def eval_summaries():
+    out = [f"{R}/eval/base/seed0/step0/summary.json"]
+    steps = checkpoint_steps(config["train"]["steps"], config["train"]["checkpoint_every"])
+    for method in config["train"]["methods"]:
+        for seed in config["train"]["seeds"]:
+            out += [EVAL.format(method=method, seed=seed, step=s) + "/summary.json" for s in steps]
+    return out
+
+
+def final_outputs():
+    return [
+        f"{R}/tables/summary.csv",
+        f"{R}/figures/reward_vs_step.png",
+        f"{R}/figures/geneval_vs_step.png",
+        f"{R}/figures/grid_base_vs_{config['train']['methods'][0]}_seed{config['train']['seeds'][0]}.png",
+        f"{R}/provenance/config.resolved.yaml",
+    ]

@@ -1,0 +1,45 @@
+# Tables and figures, regenerated from evaluation summaries alone (no retraining).
+
+
+rule report:
+    input:
+        summaries=eval_summaries(),
+    output:
+        table=report(f"{R}/tables/summary.csv", category="Tables", caption="../report/summary.rst"),
+        steps=f"{R}/tables/steps.csv",
+        reward=report(f"{R}/figures/reward_vs_step.png", category="Figures", caption="../report/curves.rst"),
+        geneval=report(f"{R}/figures/geneval_vs_step.png", category="Figures", caption="../report/curves.rst"),
+    log:
+        f"{R}/logs/report.log",
+    message:
+        "Writing the results tables and curves"
+    script:
+        "../scripts/report.py"
+
+
+rule grid:
+    input:
+        unpack(model_inputs),
+        prompts=test_prompts(),
+        done=RUN.replace("{seed}", "{grid_seed}") + "/train_done.json",
+    output:
+        report(f"{R}/figures/grid_base_vs_{{method}}_seed{{grid_seed}}.png", category="Figures",
+               caption="../report/grid.rst"),
+    log:
+        f"{R}/logs/grid_{{method}}_seed{{grid_seed}}.log",
+    message:
+        "Drawing base vs {wildcards.method} images for the same prompts and seeds"
+    script:
+        "../scripts/grid.py"
+
+
+rule provenance:
+    output:
+        config=f"{R}/provenance/config.resolved.yaml",
+        environment=f"{R}/provenance/environment.json",
+    log:
+        f"{R}/logs/provenance.log",
+    message:
+        "Saving the resolved config and package versions"
+    script:
+        "../scripts/provenance.py"

@@ -1,0 +1,9 @@
+from pathlib import Path
+
+from _log import redirect
+
+redirect(snakemake)
+from drpo.pipeline import make_grid
+
+make_grid(snakemake.config, snakemake.input.prompts, Path(snakemake.input.done).parent,
+          snakemake.wildcards.method, snakemake.output[0])

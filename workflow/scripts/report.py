@@ -1,0 +1,9 @@
+from pathlib import Path
+
+from _log import redirect
+
+redirect(snakemake)
+from drpo.pipeline import make_report
+
+make_report(list(snakemake.input.summaries), Path(snakemake.output.table).parent,
+            snakemake.output.reward, snakemake.output.geneval)

@@ -1,0 +1,6 @@
+from _log import redirect
+
+redirect(snakemake)
+from drpo.pipeline import make_world
+
+make_world(snakemake.config, snakemake.output.train, snakemake.output.test)

@@ -9,7 +9,6 @@ embeddings across seeds (the paper's CLIP/DINO diversity).
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from drpo.generators import image_seed
+
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-
-def eval_noise(latent_shape: tuple[int, ...], prompt_indices: list[int], seeds: list[int]) -> torch.Tensor:
-    """Per-image seeded noise, (len(prompt_indices) * len(seeds), *latent_shape), prompt-major."""
-    out = []
-    for index, seed in itertools.product(prompt_indices, seeds):
-        generator = torch.Generator().manual_seed(seed * 1_000_000 + index)
-        out.append(torch.randn(latent_shape, generator=generator))
-    return torch.stack(out)
 
 
 @torch.no_grad()
@@ -38,12 +30,12 @@ def sample_latents(generator, prompts: list[str], seeds: list[int], *, batch_siz
     default 0..len(prompts)-1.
     """
     indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
-    noise = eval_noise(tuple(generator.latent_shape), indices, seeds)
+    image_seeds = [image_seed(seed, index) for index in indices for seed in seeds]
     flat_prompts = [p for p in prompts for _ in seeds]
     chunks = []
     for start in range(0, len(flat_prompts), batch_size):
         cond = generator.encode_prompts(flat_prompts[start:start + batch_size])
-        chunk = noise[start:start + batch_size].to(generator.device, generator.dtype)
+        chunk = generator.make_noise(seeds=image_seeds[start:start + batch_size])
         chunks.append(generator.sample(cond, chunk, adapters=adapters).float().cpu())
     return torch.cat(chunks)
 

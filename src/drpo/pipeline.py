@@ -30,7 +30,7 @@ def load_models(config: dict, *, features: bool = True):
         spec = models["features"]
         kwargs = {"keys": tuple(spec["keys"])}
         if spec.get("checkpoint"):
-            kwargs["checkpoint"] = spec["checkpoint"]
+            kwargs["checkpoint_path"] = spec["checkpoint"]
         encoder = build_feature_encoder(spec["name"], **kwargs).to(device)
     return generator, reward, encoder
 

@@ -92,11 +92,11 @@ def _autocast(device: str, mixed_precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def _save_checkpoint(run_dir: Path, step: int, unet, optimizer, settings: TrainSettings) -> None:
+def _save_checkpoint(run_dir: Path, step: int, unet, kind: str, optimizer, settings: TrainSettings) -> None:
     final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_lora(unet, tmp, metadata={"step": step, "seed": settings.seed})
+    save_lora(unet, tmp, kind=kind, metadata={"step": step, "seed": settings.seed})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "training_state.json").write_text(json.dumps({"step": step, "seed": settings.seed}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
@@ -156,7 +156,7 @@ def train(method: Method, bank: ReferenceBank, settings: TrainSettings, run_dir:
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if step in saves:
-            _save_checkpoint(run_dir, step, generator.unet, optimizer, settings)
+            _save_checkpoint(run_dir, step, generator.unet, generator.kind, optimizer, settings)
     done = run_dir / "train_done.json"
     done.write_text(json.dumps({"steps": settings.steps, "method": method.name,
                                 "seed": settings.seed}) + "\n")

@@ -1,0 +1,117 @@
+"""The shared training loop with DrPO on tiny real models: updates, checkpoints, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drpo.methods import build_method
+from drpo.methods.base import PromptBatch
+from drpo.pipeline import load_models
+from drpo.reference import ReferenceBank, build_reference_bank
+from drpo.train import TrainSettings, checkpoint_steps, latest_checkpoint, train
+
+from conftest import PROMPTS
+
+
+def _setup(config):
+    generator, reward, features = load_models(config)
+    method = build_method("drpo", generator, reward, features, config)
+    bank = build_reference_bank(generator, PROMPTS, candidates=config["train"]["candidates"],
+                                noise_sets=1, seed=0, batch_size=8)
+    return method, bank
+
+
+def test_checkpoint_steps_include_the_last():
+    assert checkpoint_steps(10, 4) == [4, 8, 10]
+    assert checkpoint_steps(8, 4) == [4, 8]
+
+
+def test_reference_bank_is_the_base_model_and_round_trips(tiny_config, tmp_path):
+    method, bank = _setup(tiny_config)
+    noise, latents = bank.cell(1, 0)
+    gen = method.generator
+    expected = gen.sample(gen.encode_prompts([PROMPTS[1]] * noise.shape[0]), noise, adapters=False)
+    torch.testing.assert_close(latents, expected.float(), rtol=1e-5, atol=1e-5)
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = ReferenceBank.load(tmp_path / "bank.safetensors")
+    assert loaded.prompts == PROMPTS
+    torch.testing.assert_close(loaded.latents, bank.latents)
+
+
+def test_drpo_loss_is_finite_and_reaches_lora_only(tiny_config):
+    method, bank = _setup(tiny_config)
+    from drpo.lora import add_lora
+
+    params = add_lora(method.generator.unet, rank=4, alpha=4)
+    noise, reference = bank.cell(0, 0)
+    loss, logs = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logs["reward_top"] >= logs["reward_mean"] >= logs["reward_bottom"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    frozen = [p for n, p in method.generator.unet.named_parameters() if "lora" not in n]
+    assert all(p.grad is None for p in frozen)
+
+
+def test_training_writes_diffusers_checkpoints_and_metrics(tiny_config, tmp_path):
+    method, bank = _setup(tiny_config)
+    settings = TrainSettings.from_config(tiny_config["train"], seed=0)
+    done = train(method, bank, settings, tmp_path / "run", log=lambda *_: None)
+    assert json.loads(done.read_text())["steps"] == 4
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
+    assert weights and all(key.startswith("unet.") for key in weights)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_config, tmp_path):
+    settings = TrainSettings.from_config(tiny_config["train"], seed=0)
+    method, bank = _setup(tiny_config)
+    train(method, bank, settings, tmp_path / "straight", log=lambda *_: None)
+
+    # "Kill" after update 3: run 3 updates, drop the last checkpoint's successor state, then rerun to 4.
+    method, bank = _setup(tiny_config)
+    short = TrainSettings.from_config(tiny_config["train"] | {"steps": 3}, seed=0)
+    train(method, bank, short, tmp_path / "resumed", log=lambda *_: None)
+    (tmp_path / "resumed" / "train_done.json").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "checkpoint-3")  # died before saving update 3
+    messages = []
+    method, bank = _setup(tiny_config)
+    train(method, bank, settings, tmp_path / "resumed", log=messages.append)
+    assert any("resuming from" in m and "checkpoint-2" in m for m in messages)
+    assert latest_checkpoint(tmp_path / "resumed").name == "checkpoint-4"
+    final = "checkpoints/checkpoint-4/pytorch_lora_weights.safetensors"
+    a = load_file(str(tmp_path / "straight" / final))
+    b = load_file(str(tmp_path / "resumed" / final))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bank_with_wrong_k_is_refused(tiny_config, tmp_path):
+    method, bank = _setup(tiny_config)
+    settings = TrainSettings.from_config(tiny_config["train"] | {"candidates": 8}, seed=0)
+    with pytest.raises(ValueError, match="K=6"):
+        train(method, bank, settings, tmp_path / "run", log=lambda *_: None)
+
+
+def test_nan_reward_stops_training_with_a_clear_error(tiny_config):
+    method, bank = _setup(tiny_config)
+
+    class NaNReward(type(method.reward)):
+        def _score(self, images, prompts, metadata):
+            scores = super()._score(images, prompts, metadata)
+            scores[2] = float("nan")
+            return scores
+
+    method.reward.__class__ = NaNReward
+    noise, reference = bank.cell(0, 0)
+    with pytest.raises(RuntimeError, match="nan|NaN"):
+        method.loss(PromptBatch(PROMPTS[0], noise, reference))

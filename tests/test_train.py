@@ -10,7 +10,8 @@ from drpo.methods import build_method
 from drpo.methods.base import PromptBatch
 from drpo.pipeline import load_models
 from drpo.reference import ReferenceBank, build_reference_bank
-from drpo.train import TrainSettings, checkpoint_steps, latest_checkpoint, train
+from drpo.config import checkpoint_steps
+from drpo.train import TrainSettings, latest_checkpoint, train
 
 from conftest import PROMPTS
 

@@ -95,6 +95,11 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def checkpoint_steps(steps: int, every: int) -> list[int]:
+    """Update indices at which training writes (and evaluation reads) checkpoints; the last is always one."""
+    return sorted({*range(every, steps + 1, every), steps})
+
+
 def resolve_device(name: str) -> str:
     """Map the config's device ("auto", "cpu", "cuda") to a torch device string."""
     import torch

@@ -43,9 +43,11 @@ def world_spec(config: dict):
 
 def read_rows(path: str | Path) -> list[dict]:
     """Prompt rows from a GenEval metadata .jsonl or a .txt prompt file ({"prompt": ...} rows)."""
-    from drpo.world.prompts import read_prompts
+    from drpo.world.prompts import read_metadata_jsonl, read_prompts
 
-    return read_prompts(path)
+    if Path(path).suffix == ".jsonl":
+        return read_metadata_jsonl(path)
+    return [{"prompt": prompt} for prompt in read_prompts(path)]
 
 
 # ----------------------------------------------------------------------------------- stages

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from drpo.config import checkpoint_steps
 from drpo.lora import add_lora, load_lora, save_lora
 from drpo.methods.base import Method, PromptBatch
 from drpo.reference import ReferenceBank
@@ -56,11 +57,6 @@ class TrainSettings:
         keys = ("steps", "prompts_per_step", "candidates", "checkpoint_every", "learning_rate",
                 "weight_decay", "adam_eps", "max_grad_norm", "mixed_precision", "lora")
         return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), **{k: train[k] for k in keys})
-
-
-def checkpoint_steps(steps: int, every: int) -> list[int]:
-    """Update indices at which checkpoints are written (always including the last)."""
-    return sorted({*range(every, steps + 1, every), steps})
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

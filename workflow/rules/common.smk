@@ -1,6 +1,5 @@
 # Helpers shared by the rules: config validation, output paths, target lists.
-from drpo.config import validate_config
-from drpo.train import checkpoint_steps
+from drpo.config import checkpoint_steps, validate_config
 
 validate_config(config)
 
@@ -27,7 +26,7 @@ def test_prompts():
     return config["prompts"]["test"]
 
 
-def model_inputs():
+def model_inputs(wildcards=None):
     """Files of the configured models (their presence is what the rules depend on)."""
     models = config["models"]
     files = {"generator": models["generator"]["path"] + "/model_index.json",

@@ -56,13 +56,20 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_consistency(config: dict[str, Any]) -> None:
-    train, drpo = config["train"], config["drpo"]
+    train = config["train"]
+    k = train["candidates"]
     problems = []
-    if "drpo" in train["methods"] and drpo["num_pos"] + drpo["num_neg"] > train["candidates"]:
-        problems.append(
-            f"drpo.num_pos ({drpo['num_pos']}) + drpo.num_neg ({drpo['num_neg']}) must not exceed "
-            f"train.candidates (K = {train['candidates']})"
-        )
+    for method in train["methods"]:
+        section = config.get(method, {})
+        if "num_pos" in section and section["num_pos"] + section["num_neg"] > k:
+            problems.append(
+                f"{method}.num_pos ({section['num_pos']}) + {method}.num_neg ({section['num_neg']}) must not "
+                f"exceed train.candidates (K = {k})"
+            )
+    if "grpo" in train["methods"] and config["grpo"]["num_anchors"] > k:
+        problems.append(f"grpo.num_anchors ({config['grpo']['num_anchors']}) exceeds train.candidates (K = {k})")
+    if "pso" in train["methods"] and k % 2:
+        problems.append(f"pso pairs adjacent candidates, so train.candidates must be even (K = {k})")
     if train["checkpoint_every"] > train["steps"]:
         problems.append(
             f"train.checkpoint_every ({train['checkpoint_every']}) exceeds train.steps ({train['steps']})"

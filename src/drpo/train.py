@@ -88,13 +88,14 @@ def _autocast(device: str, mixed_precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def _save_checkpoint(run_dir: Path, step: int, unet, kind: str, optimizer, settings: TrainSettings) -> None:
+def _save_checkpoint(run_dir: Path, step: int, method: Method, optimizer, settings: TrainSettings) -> None:
     final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_lora(unet, tmp, kind=kind, metadata={"step": step, "seed": settings.seed})
+    save_lora(method.generator.unet, tmp, kind=method.generator.kind, metadata={"step": step, "seed": settings.seed})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "training_state.json").write_text(json.dumps({"step": step, "seed": settings.seed}) + "\n")
+    state = {"step": step, "seed": settings.seed, "method": method.name, "method_state": method.state_dict()}
+    (tmp / "training_state.json").write_text(json.dumps(state) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a killed job leaves at most a *.tmp folder, never a half checkpoint
 
@@ -121,7 +122,10 @@ def train(method: Method, bank: ReferenceBank, settings: TrainSettings, run_dir:
     if resume is not None:
         load_lora(generator.unet, resume)
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        start = json.loads((resume / "training_state.json").read_text())["step"]
+        state = json.loads((resume / "training_state.json").read_text())
+        start = state["step"]
+        if "method_state" in state:
+            method.load_state_dict(state["method_state"])
         log(f"resuming from {resume} (update {start} of {settings.steps})")
     schedule = PromptSchedule(len(bank.prompts), bank.noise_sets, settings.seed)
     log(f"effective batch per update: {settings.prompts_per_step} prompts x K={settings.candidates} "
@@ -152,7 +156,7 @@ def train(method: Method, bank: ReferenceBank, settings: TrainSettings, run_dir:
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if step in saves:
-            _save_checkpoint(run_dir, step, generator.unet, generator.kind, optimizer, settings)
+            _save_checkpoint(run_dir, step, method, optimizer, settings)
     done = run_dir / "train_done.json"
     done.write_text(json.dumps({"steps": settings.steps, "method": method.name,
                                 "seed": settings.seed}) + "\n")

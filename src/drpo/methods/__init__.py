@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from drpo.methods.base import Method, PromptBatch
+from drpo.methods.dpo import DPO
+from drpo.methods.draft import DRaFT
 from drpo.methods.drpo import DrPO
+from drpo.methods.grpo import GRPO
+from drpo.methods.pso import PSO
+from drpo.methods.vggflow import VGGFlow
 
 METHODS: dict[str, type[Method]] = {
     "drpo": DrPO,
+    "draft": DRaFT,
+    "vggflow": VGGFlow,
+    "dpo": DPO,
+    "grpo": GRPO,
+    "pso": PSO,
 }
 
 

@@ -41,6 +41,18 @@ class Method(ABC):
         self.generator = generator
         self.reward = reward
 
+    @classmethod
+    def from_config(cls, generator, reward, features, config: dict) -> "Method":
+        """Build the method from the validated workflow config (its own section and ``train``)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Method state that must survive a resume (e.g. VGGFlow's adaptive clip threshold)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     @abstractmethod
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss for one prompt (gradient flows into the generator's LoRA) and log values."""

@@ -8,6 +8,7 @@ schema cannot express. The Snakefile and the tests both go through :func:`valida
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,9 @@ def _check_consistency(config: dict[str, Any]) -> None:
                 f"{method}.num_pos ({section['num_pos']}) + {method}.num_neg ({section['num_neg']}) must not "
                 f"exceed train.candidates (K = {k})"
             )
+    if train["prompts_per_step"] % train["processes"]:
+        problems.append(f"train.prompts_per_step ({train['prompts_per_step']}) must be a multiple of "
+                        f"train.processes ({train['processes']})")
     if "grpo" in train["methods"] and config["grpo"]["num_anchors"] > k:
         problems.append(f"grpo.num_anchors ({config['grpo']['num_anchors']}) exceeds train.candidates (K = {k})")
     if "pso" in train["methods"] and k % 2:
@@ -112,7 +116,10 @@ def resolve_device(name: str) -> str:
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is 'cuda' but torch sees no CUDA device; use device: cpu or auto")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device is 'cuda' but torch sees no CUDA device; use device: cpu or auto")
+        # Under `accelerate launch` every process drives the GPU of its local rank.
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return name

@@ -73,23 +73,28 @@ def make_reference_bank(config: dict, prompts_path: str | Path, bank_out: str | 
     bank.save(bank_out)
 
 
-def run_training(config: dict, method_name: str, seed: int, bank_path: str | Path,
-                 prompts_path: str | Path, run_dir: str | Path, log=print) -> Path:
+def run_training(config: dict, method_name: str, seed: int, prompts_path: str | Path, run_dir: str | Path,
+                 *, bank_path: str | Path | None = None, log=print) -> Path:
+    """Train one (method, seed) run; the frozen base's samples come from the bank when one is given."""
     from drpo.methods import build_method
-    from drpo.reference import ReferenceBank
+    from drpo.reference import OnlineReference, ReferenceBank
     from drpo.train import TrainSettings, train
 
     run_dir = Path(run_dir)
     write_provenance(run_dir, config, {"method": method_name, "seed": seed})
     generator, reward, features = load_models(config)
     method = build_method(method_name, generator, reward, features, config)
-    bank = ReferenceBank.load(bank_path)
     rows = read_rows(prompts_path)
-    if [row["prompt"] for row in rows] != bank.prompts:
-        raise ValueError(f"reference bank {bank_path} was built for other prompts than {prompts_path}; "
-                         "rerun the reference_bank rule")
+    prompts = [row["prompt"] for row in rows]
+    if bank_path is not None:
+        source = ReferenceBank.load(bank_path)
+        if source.prompts != prompts:
+            raise ValueError(f"reference bank {bank_path} was built for other prompts than {prompts_path}; "
+                             "rerun the reference_bank rule")
+    else:
+        source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=0)
     settings = TrainSettings.from_config(config["train"], seed)
-    return train(method, bank, settings, run_dir, metadata=rows, log=log)
+    return train(method, source, settings, run_dir, metadata=rows, log=log)
 
 
 def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Path,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +27,17 @@ def bank_noise(latent_shape: tuple[int, ...], candidates: int, *, seed: int, pro
     state = np.random.SeedSequence((seed, prompt_index, noise_set)).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(state))
     return torch.randn((candidates, *latent_shape), generator=generator)
+
+
+class ReferenceSource(Protocol):
+    """Where training gets each micro-step's noises and the frozen base's latents for them."""
+
+    prompts: list[str]
+    noise_sets: int
+    candidates: int
+
+    def cell(self, prompt_index: int, noise_set: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, base latents), each (K, C, H, W)."""
 
 
 @dataclass
@@ -42,6 +54,10 @@ class ReferenceBank:
     @property
     def noise_sets(self) -> int:
         return self.noise.shape[1]
+
+    @property
+    def candidates(self) -> int:
+        return self.noise.shape[2]
 
     def cell(self, prompt_index: int, noise_set: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(noise, base latents) of one prompt and noise set, each (K, C, H, W)."""
@@ -83,3 +99,21 @@ def build_reference_bank(generator, prompts: list[str], *, candidates: int, nois
         chunk = flat_noise[start:start + batch_size].to(generator.device, generator.dtype)
         latents.append(generator.sample(cond, chunk, adapters=False).float().cpu())
     return ReferenceBank(prompts=list(prompts), noise=noise, latents=torch.cat(latents).view_as(noise))
+
+
+class OnlineReference:
+    """The bank's noises, with the frozen base sampled on the fly (paper scale: a bank for 25k prompts
+    would take tens of GB). Never cycles: every epoch draws new noises."""
+
+    noise_sets = 2**31 - 1
+
+    def __init__(self, generator, prompts: list[str], *, candidates: int, seed: int) -> None:
+        self.generator, self.prompts, self.candidates, self.seed = generator, list(prompts), candidates, seed
+
+    @torch.no_grad()
+    def cell(self, prompt_index: int, noise_set: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = self.generator
+        noise = bank_noise(tuple(gen.latent_shape), self.candidates, seed=self.seed,
+                           prompt_index=prompt_index, noise_set=noise_set)
+        cond = gen.encode_prompts([self.prompts[prompt_index]])
+        return noise, gen.sample(cond, noise.to(gen.device, gen.dtype), adapters=False)

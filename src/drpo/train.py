@@ -31,7 +31,7 @@ from tqdm import tqdm
 from drpo.config import checkpoint_steps
 from drpo.lora import add_lora, load_lora, save_lora
 from drpo.methods.base import Method, PromptBatch
-from drpo.reference import ReferenceBank
+from drpo.reference import ReferenceSource
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -100,19 +100,30 @@ def _save_checkpoint(run_dir: Path, step: int, method: Method, optimizer, settin
     tmp.rename(final)  # a killed job leaves at most a *.tmp folder, never a half checkpoint
 
 
-def train(method: Method, bank: ReferenceBank, settings: TrainSettings, run_dir: str | Path, *,
+def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_dir: str | Path, *,
           metadata: list[dict] | None = None, log=print) -> Path:
-    """Train ``method``'s generator on the bank's prompts; resume from the latest checkpoint.
+    """Train ``method``'s generator on the source's prompts; resume from the latest checkpoint.
 
-    Returns the path of ``train_done.json``.
+    Runs in every process of an ``accelerate launch`` (one process per GPU): each process takes an
+    equal share of the update's prompts, LoRA gradients are summed across processes (they are a few
+    MB, so a plain all-reduce replaces DDP), and every process calls the checkpoint save, which
+    the main process writes. Returns the path of ``train_done.json``.
     """
+    from accelerate import PartialState
+
+    state = PartialState()
+    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    if settings.prompts_per_step % world:
+        raise ValueError(f"train.prompts_per_step ({settings.prompts_per_step}) must be a multiple of the "
+                         f"number of processes ({world})")
+    local_prompts = settings.prompts_per_step // world
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     generator = method.generator
-    if bank.noise.shape[2] != settings.candidates:
-        raise ValueError(f"reference bank has K={bank.noise.shape[2]} noises per cell but "
-                         f"train.candidates is {settings.candidates}; rebuild the bank")
-    torch.manual_seed(settings.seed)
+    if source.candidates != settings.candidates:
+        raise ValueError(f"reference source has K={source.candidates} noises per cell but "
+                         f"train.candidates is {settings.candidates}; rebuild the reference bank")
+    torch.manual_seed(settings.seed)  # LoRA initialisation; identical on every process
     params = add_lora(generator.unet, rank=settings.lora["rank"], alpha=settings.lora["alpha"],
                       dropout=settings.lora["dropout"], targets=tuple(settings.lora["targets"]))
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.adam_betas,
@@ -122,45 +133,69 @@ def train(method: Method, bank: ReferenceBank, settings: TrainSettings, run_dir:
     if resume is not None:
         load_lora(generator.unet, resume)
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        state = json.loads((resume / "training_state.json").read_text())
-        start = state["step"]
-        if "method_state" in state:
-            method.load_state_dict(state["method_state"])
+        saved = json.loads((resume / "training_state.json").read_text())
+        start = saved["step"]
+        if "method_state" in saved:
+            method.load_state_dict(saved["method_state"])
         log(f"resuming from {resume} (update {start} of {settings.steps})")
-    schedule = PromptSchedule(len(bank.prompts), bank.noise_sets, settings.seed)
-    log(f"effective batch per update: {settings.prompts_per_step} prompts x K={settings.candidates} "
-        f"= {settings.prompts_per_step * settings.candidates} images")
+    schedule = PromptSchedule(len(source.prompts), source.noise_sets, settings.seed)
+    if main:
+        log(f"effective batch per update: {world} processes x {local_prompts} prompts x "
+            f"K={settings.candidates} = {settings.prompts_per_step * settings.candidates} images")
     saves = set(checkpoint_steps(settings.steps, settings.checkpoint_every))
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if main:
+        _truncate_metrics(metrics_path, start)
     device = str(generator.device).split(":")[0]
     for step in tqdm(range(start + 1, settings.steps + 1), desc=f"train {method.name}",
-                     initial=start, total=settings.steps):
+                     initial=start, total=settings.steps, disable=not main):
         began = time.perf_counter()
         logs: dict[str, float] = {}
-        for micro in range(settings.prompts_per_step):
-            prompt_index, noise_set = schedule((step - 1) * settings.prompts_per_step + micro)
-            noise, reference = bank.cell(prompt_index, noise_set)
-            batch = PromptBatch(prompt=bank.prompts[prompt_index], noise=noise, reference=reference,
+        for j in range(local_prompts):
+            micro = (step - 1) * settings.prompts_per_step + rank * local_prompts + j
+            prompt_index, noise_set = schedule(micro)
+            noise, reference = source.cell(prompt_index, noise_set)
+            batch = PromptBatch(prompt=source.prompts[prompt_index], noise=noise, reference=reference,
                                 metadata=metadata[prompt_index] if metadata else None)
             with _autocast(device, settings.mixed_precision):
                 loss, micro_logs = method.loss(batch)
             (loss / settings.prompts_per_step).backward()
             for key, value in {"loss": loss.item(), **micro_logs}.items():
                 logs[key] = logs.get(key, 0.0) + value / settings.prompts_per_step
+        if world > 1:
+            _all_reduce_sum(params, logs, generator.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, **logs, "grad_norm": grad_norm.item(),
-                  "seconds": time.perf_counter() - began}
-        with metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if main:
+            record = {"step": step, **logs, "grad_norm": grad_norm.item(),
+                      "seconds": time.perf_counter() - began}
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if step in saves:
-            _save_checkpoint(run_dir, step, method, optimizer, settings)
+            if main:
+                _save_checkpoint(run_dir, step, method, optimizer, settings)
+            state.wait_for_everyone()  # every process reaches the save; none runs ahead of it
     done = run_dir / "train_done.json"
-    done.write_text(json.dumps({"steps": settings.steps, "method": method.name,
-                                "seed": settings.seed}) + "\n")
+    if main:
+        done.write_text(json.dumps({"steps": settings.steps, "method": method.name,
+                                    "seed": settings.seed, "processes": world}) + "\n")
+    state.wait_for_everyone()
     return done
+
+
+def _all_reduce_sum(params: list[torch.nn.Parameter], logs: dict[str, float], device) -> None:
+    """Sum LoRA gradients and log values over processes (each already divided by the global count)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    keys = sorted(logs)
+    values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    logs.update(zip(keys, values.tolist()))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

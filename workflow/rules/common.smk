@@ -53,3 +53,8 @@ def final_outputs():
         f"{R}/figures/grid_base_vs_{config['train']['methods'][0]}_seed{config['train']['seeds'][0]}.png",
         f"{R}/provenance/config.resolved.yaml",
     ]
+
+
+def method_settings(wildcards):
+    """The config section of the run's method (empty for methods without one)."""
+    return config.get(wildcards.method, {})

@@ -1,20 +1,31 @@
 # Online training, one job per (method, seed). Checkpoints are written inside the run folder but
 # are not declared outputs: Snakemake deletes the outputs of a failed job, and a rerun must find
-# them to resume. train_done.json is written last.
+# them to resume. train_done.json is written last. With train.processes > 1 the job runs
+# `accelerate launch` over that many GPUs (one Slurm task holding all of them, see profiles/slurm).
+
+
+def train_inputs(wildcards):
+    inputs = dict(model_inputs(), prompts=train_prompts())
+    if config["train"]["reference"] == "bank":
+        inputs["bank"] = rules.reference_bank.output.bank
+    return inputs
 
 
 rule train:
     input:
-        unpack(model_inputs),
-        bank=rules.reference_bank.output.bank,
-        prompts=train_prompts(),
+        unpack(train_inputs),
     output:
         done=RUN + "/train_done.json",
     log:
         RUN + "/train.log",
+    params:
+        # Declared so that changing these settings reruns training (Snakemake's params trigger).
+        train=config["train"],
+        models=config["models"],
+        method=method_settings,
     message:
         "Training {wildcards.method}, seed {wildcards.seed}"
     resources:
-        gpu=1 if config["device"] == "cuda" else 0,
+        gpu=config["train"]["processes"] if config["device"] == "cuda" else 0,
     script:
         "../scripts/train.py"

@@ -93,12 +93,12 @@ def _diversity(embeddings: torch.Tensor, n_prompts: int, n_seeds: int) -> pd.Dat
 
 def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale: float) -> dict[str, float]:
     """One row of the results table: reward x scale, GenEval-lite per tag and overall, diversity."""
-    summary = {"reward": per_image["reward"].mean() * reward_scale,
-               "diversity": per_prompt["diversity"].mean()}
+    summary = {"reward": float(per_image["reward"].mean() * reward_scale),
+               "diversity": float(per_prompt["diversity"].mean())}
     if "correct" in per_image:
         by_tag = per_image.groupby("tag")["correct"].mean()
         for tag in GENEVAL_TAGS:
-            summary[f"geneval_{tag}"] = by_tag.get(tag, np.nan) * 100
+            summary[f"geneval_{tag}"] = float(by_tag.get(tag, np.nan) * 100)
         # GenEval's overall score is the mean of the per-task accuracies.
-        summary["geneval_overall"] = by_tag.mean() * 100
+        summary["geneval_overall"] = float(by_tag.mean() * 100)
     return summary

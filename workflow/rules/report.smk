@@ -29,6 +29,8 @@ rule grid:
         f"{R}/logs/grid_{{method}}_seed{{grid_seed}}.log",
     message:
         "Drawing base vs {wildcards.method} images for the same prompts and seeds"
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
     script:
         "../scripts/grid.py"
 

@@ -5,6 +5,20 @@ one interface, `FeatureEncoder`: a fixed tuple of `keys`, a differentiable `__ca
 and frozen parameters. Encoders are looked up by name in `FEATURE_ENCODERS`; adding one is one subclass
 that implements `maps()` plus one registry line.
 
+| name | spec | input | needs |
+|---|---|---|---|
+| ``latent_mae`` | 2.5a | latent | checkpoint_path |
+| ``teacher_unet`` | 2.5b | latent (+ noise) through the generator's frozen base U-Net | generator; cond at call time |
+| ``vit_mae`` | 2.5c | VAE-decoded image | generator (VAE), checkpoint_path (HF folder) |
+| ``dino`` | 2.5d | VAE-decoded image | generator (VAE), checkpoint_path (HF folder) |
+| ``raw_latent`` | 2.5e | latent | -- |
+
+Encoders with ``needs_generator`` borrow the generator's modules (never registered as submodules, so they
+are not moved, saved or frozen through the encoder); `build_feature_encoder(name, generator=...)` passes
+the generator only to them. Encoders with ``needs_condition`` take the prompt conditioning at call time,
+``features(latents, cond=generator.encode_prompts(...))``; the others ignore ``cond``, so a caller can
+always pass it.
+
 Feature keys follow the grammar ``<map>_<stat>[_<p>]`` over the encoder's named feature maps
 (N, C, H, W):
 
@@ -34,13 +48,18 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Dinov2Model, PreTrainedModel, ViTMAEModel
+
+from drpo.generators import OneStepGenerator, PromptEmbedding, _adapters_disabled
 
 STD_EPS = 1e-6
 GN_EPS = 1e-5
@@ -61,6 +80,10 @@ RAW_LATENT_KEYS = (
     "latent_mean_4",
     "latent_std_4",
 )
+TEACHER_LAYERS = ("down_blocks.2", "mid_block", "up_blocks.0")
+VIT_MAE_KEYS = ("layer12_patch_mean", "layer12_patch_std", "layer12_cls")
+DINO_KEYS = tuple(f"layer{n}_{head}" for n in (3, 6, 9, 12) for head in ("patch_mean", "patch_std", "cls"))
+MAX_LATENT_TOKENS = 1024
 _KEY_RE = re.compile(r"^(?P<map>.+?)_(?P<stat>mean|std)(?:_(?P<p>\d+))?$")
 _STAGE_RE = re.compile(r"^encoder\.stages_(\d+)\.layers_(\d+)\.")
 
@@ -313,8 +336,12 @@ class FeatureEncoder(nn.Module, ABC):
     """Frozen feature encoder: latents (N, C, H, W) -> {key: (N, T, D) fp32}, differentiable w.r.t. latents.
 
     Subclasses implement `maps(x)` (fp32 (N, C, H, W) -> named maps) and list their map names in
-    `map_names`; the heads of section "key grammar" (module docstring) are applied here.
+    `map_names`; the heads of section "key grammar" (module docstring) are applied here. Subclasses that set
+    `needs_condition` implement `maps(x, cond)` instead and receive the conditioning of their chunk.
     """
+
+    needs_generator: bool = False
+    needs_condition: bool = False
 
     def __init__(self, keys: Sequence[str], chunk_size: int | None = None, spatial_stride: int = 1) -> None:
         super().__init__()
@@ -346,17 +373,33 @@ class FeatureEncoder(nn.Module, ABC):
     def maps(self, x: Tensor) -> dict[str, Tensor]:
         """fp32 latents (N, C, H, W) -> {map name: (N, C', H', W')}."""
 
-    def forward(self, latents: Tensor) -> dict[str, Tensor]:
-        """(N, C, H, W) any float dtype -> {key: (N, T, D) float32}; computed in fp32, in chunks of `chunk_size`."""
+    def forward(self, latents: Tensor, cond: PromptEmbedding | None = None) -> dict[str, Tensor]:
+        """(N, C, H, W) any float dtype -> {key: (N, T, D) float32}; computed in fp32, in chunks of `chunk_size`.
+
+        cond: prompt conditioning, one per latent or one for all; required when `needs_condition`, else ignored.
+        """
         if latents.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects latents (N, C, H, W), got shape {tuple(latents.shape)}")
         x = latents.float()
+        if not self.needs_condition:
+            cond = None
+        elif cond is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the prompt conditioning: call it as "
+                "features(latents, cond=generator.encode_prompts(prompts))"
+            )
+        elif len(cond) not in (1, x.shape[0]):
+            raise ValueError(f"{len(cond)} prompt embeddings for {x.shape[0]} latents (need equal counts or 1)")
         chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
-        parts = [self._features(chunk) for chunk in chunks]
+        parts, start = [], 0
+        for chunk in chunks:
+            part_cond = cond if cond is None or len(cond) == 1 else cond[start : start + len(chunk)]
+            parts.append(self._features(chunk, part_cond))
+            start += len(chunk)
         return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in self.keys}
 
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
-        fmaps = self.maps(x)
+    def _features(self, x: Tensor, cond: PromptEmbedding | None) -> dict[str, Tensor]:
+        fmaps = self.maps(x, cond) if self.needs_condition else self.maps(x)
         return {
             k: feature_head(fmaps[m], stat, p, self.spatial_stride if stat is None else 1, key=k)
             for k, (m, stat, p) in self._parsed.items()
@@ -396,12 +439,23 @@ class RawLatentFeatures(FeatureEncoder):
     """The latent itself as feature map "latent" (spec 2.5e, the "Latent" ablation).
 
     `spatial_stride` subsamples the positions of the raw "latent" key (4,096 tokens per 64x64 latent otherwise).
+    Memory trap (spec 11 item 12): all tokens of a prompt's K samples form one point set, so the raw key at
+    stride 1 on 64x64 latents makes a ~98k-point set for K = 24 and a distance matrix of tens of GiB. A call
+    whose raw key has more than `max_latent_tokens` tokens per sample therefore raises a ValueError naming the
+    smallest stride that fits; `max_latent_tokens=None` runs it anyway (the original's default behaviour).
     """
 
     def __init__(
-        self, keys: Sequence[str] = RAW_LATENT_KEYS, spatial_stride: int = 1, chunk_size: int | None = None
+        self,
+        keys: Sequence[str] = RAW_LATENT_KEYS,
+        spatial_stride: int = 1,
+        chunk_size: int | None = None,
+        max_latent_tokens: int | None = MAX_LATENT_TOKENS,
     ) -> None:
         super().__init__(keys, chunk_size, spatial_stride)
+        if max_latent_tokens is not None and max_latent_tokens < 1:
+            raise ValueError(f"RawLatentFeatures: max_latent_tokens must be >= 1 or None, got {max_latent_tokens}")
+        self.max_latent_tokens = max_latent_tokens
         self._check_keys()
 
     @property
@@ -411,15 +465,371 @@ class RawLatentFeatures(FeatureEncoder):
     def maps(self, x: Tensor) -> dict[str, Tensor]:
         return {"latent": x}
 
+    def forward(self, latents: Tensor, cond: PromptEmbedding | None = None) -> dict[str, Tensor]:
+        if latents.ndim == 4 and "latent" in self.keys and self.max_latent_tokens is not None:
+            self._check_token_budget(*latents.shape)
+        return super().forward(latents, cond)
+
+    def _check_token_budget(self, n: int, c: int, h: int, w: int) -> None:
+        def tokens(stride: int) -> int:
+            return -(-h // stride) * -(-w // stride)
+
+        stride = self.spatial_stride
+        if tokens(stride) <= self.max_latent_tokens:
+            return
+        fits = next(s for s in range(stride + 1, max(h, w) + 1) if tokens(s) <= self.max_latent_tokens)
+        points = n * tokens(stride)
+        raise ValueError(
+            f"raw_latent key 'latent' at spatial_stride {stride} gives {tokens(stride)} tokens per {h}x{w} latent: "
+            f"the {n} samples of a prompt form a {points:,}-point set, and the drift's distance matrix has at "
+            f"least {points:,}^2 entries ({points**2 * 4 / 2**30:.1f} GiB in fp32; spec 11 item 12). Use "
+            f"spatial_stride >= {fits} (<= {self.max_latent_tokens} tokens per sample), or max_latent_tokens=None "
+            "to run it anyway."
+        )
+
+
+@contextmanager
+def _checkpointing_disabled(module: nn.Module) -> Iterator[None]:
+    """Switch off diffusers' block-level gradient checkpointing inside `module`, restoring the flags afterwards."""
+    flags = [(m, m.gradient_checkpointing) for m in module.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m, _ in flags:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.gradient_checkpointing = flag
+
+
+def pool_flatten(fmap: Tensor, pool: int) -> Tensor:
+    """(N, C, H, W) -> (N, C * (H // pool) * (W // pool)): average pool with kernel = stride = `pool`.
+
+    A map smaller than `pool` on either side is pooled to 1 x 1 instead, giving (N, C).
+    """
+    if min(fmap.shape[-2:]) < pool:
+        return fmap.mean((2, 3))
+    return F.avg_pool2d(fmap, pool).flatten(1)
+
+
+class _AllCaptured(Exception):
+    """Raised by the last forward hook: the rest of the U-Net forward is not needed."""
+
+
+class TeacherUNetFeatures(FeatureEncoder):
+    """The generator's frozen base U-Net as encoder (spec 2.5b; the SDXL-Turbo default).
+
+    Per call, u = x + noise_std * eps with eps ~ N(0, I) drawn fresh from the global RNG on every call, as in
+    the original, or from `fixed_noise_seed` on every call for deterministic features (a deliberate, documented
+    deviation: spec 11 item 7). One U-Net forward on u at integer timestep `timestep` (no scale_model_input)
+    with the prompt's hidden states (SDXL: plus pooled text embeds and the generator's time ids), LoRA adapters
+    disabled, so the features always come from the base weights. Forward hooks capture the outputs of the
+    modules named in `keys` (tuple outputs -> first element); each key is one token per sample, the map
+    average-pooled with kernel = stride = `pool` (1 x 1 when the map is smaller) and flattened:
+    D = C * (H // pool) * (W // pool), e.g. 20,480 for SDXL's down_blocks.2 at 512^2. The forward stops after
+    the last hooked module. Gradients flow through the frozen U-Net to x. The feature noise is drawn over the
+    whole batch, so `chunk_size` does not change the features.
+
+    Memory: the U-Net is the generator's own, never copied. Diffusers' block-level gradient checkpointing
+    (`unet.enable_gradient_checkpointing()`, for the trainable pass) is switched off during this pass, since its
+    recomputation would run in backward with the adapters enabled again. `gradient_checkpointing=True` instead
+    checkpoints the whole teacher pass as one segment whose recomputation disables the adapters again: only u
+    and the pooled features are kept between forward and backward, at the price of a second teacher forward
+    (the original keeps every activation; spec 11 item 12).
+
+    Args:
+        generator: one-step generator whose `unet` is the teacher (its LoRA, if any, is ignored here).
+        keys: U-Net module names to hook (`unet.named_modules()` names); paper: down_blocks.2, mid_block,
+            up_blocks.0.
+        noise_std, timestep, pool: see above; paper: 0.1, 100, 4.
+        fixed_noise_seed: seed the feature noise identically on every call instead of drawing it fresh.
+        chunk_size: run the U-Net on at most this many latents at once.
+        gradient_checkpointing: checkpoint the teacher pass (see Memory).
+    """
+
+    needs_generator = True
+    needs_condition = True
+
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        keys: Sequence[str] = TEACHER_LAYERS,
+        noise_std: float = 0.1,
+        timestep: int = 100,
+        pool: int = 4,
+        fixed_noise_seed: int | None = None,
+        chunk_size: int | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(keys, chunk_size)
+        modules = dict(generator.unet.named_modules())
+        unknown = [k for k in self.keys if k not in modules]
+        if unknown or len(set(self.keys)) != len(self.keys):
+            blocks = [n for n, m in modules.items() if n and n.count(".") <= 1 and not isinstance(m, nn.ModuleList)]
+            raise ValueError(
+                f"TeacherUNetFeatures: keys must be distinct U-Net module names; unknown {unknown} in "
+                f"{list(self.keys)}. Top-level modules: {blocks}"
+            )
+        if pool < 1 or noise_std < 0:
+            raise ValueError(f"TeacherUNetFeatures: need pool >= 1 and noise_std >= 0, got {pool}, {noise_std}")
+        self.generator = generator  # not an nn.Module: the U-Net stays out of this encoder's parameters
+        self.noise_std = float(noise_std)
+        self.timestep = int(timestep)
+        self.pool = int(pool)
+        self.fixed_noise_seed = fixed_noise_seed
+        self.gradient_checkpointing = gradient_checkpointing
+
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        return self.keys
+
+    def forward(self, latents: Tensor, cond: PromptEmbedding | None = None) -> dict[str, Tensor]:
+        if latents.ndim == 4:
+            x = latents.float()
+            if self.fixed_noise_seed is None:
+                eps = torch.randn_like(x)
+            else:
+                rng = torch.Generator(x.device).manual_seed(self.fixed_noise_seed)
+                eps = torch.randn(x.shape, generator=rng, device=x.device)
+            latents = x + self.noise_std * eps
+        return super().forward(latents, cond)
+
+    def maps(self, x: Tensor, cond: PromptEmbedding) -> dict[str, Tensor]:
+        """Noisy latents (N, C, H, W) -> {key: (N, D, 1, 1)} pooled, flattened hooked outputs."""
+        gen, unet = self.generator, self.generator.unet
+        n = x.shape[0]
+        cond = (cond.repeat_interleave(n) if len(cond) == 1 else cond).to(gen.device, unet.dtype)
+        inputs = [x.to(gen.device, unet.dtype), cond.hidden]
+        if cond.pooled is not None:
+            inputs += [cond.pooled, gen.time_ids.expand(n, -1).to(unet.dtype)]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            pooled = checkpoint(self._teacher_pass, *inputs, use_reentrant=False)
+        else:
+            pooled = self._teacher_pass(*inputs)
+        return {k: v[:, :, None, None] for k, v in zip(self.keys, pooled)}
+
+    def _teacher_pass(
+        self, sample: Tensor, hidden: Tensor, text_embeds: Tensor | None = None, time_ids: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """Base-weight U-Net forward up to the last hooked module -> pooled features (N, D_k) per key, fp32."""
+        unet = self.generator.unet
+        captured: dict[str, Tensor] = {}
+
+        def hook(name: str):
+            def capture(module: nn.Module, args: Any, output: Any) -> None:
+                fmap = output[0] if isinstance(output, tuple) else output
+                captured[name] = pool_flatten(fmap.float(), self.pool)
+                if len(captured) == len(self.keys):
+                    raise _AllCaptured
+
+            return capture
+
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        handles = [unet.get_submodule(k).register_forward_hook(hook(k)) for k in self.keys]
+        try:
+            with _adapters_disabled(unet), _checkpointing_disabled(unet):
+                unet(sample, self.timestep, encoder_hidden_states=hidden, added_cond_kwargs=added)
+        except _AllCaptured:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [k for k in self.keys if k not in captured]
+        if missing:
+            raise RuntimeError(f"TeacherUNetFeatures: modules {missing} did not run in the U-Net forward")
+        return tuple(captured[k] for k in self.keys)
+
+
+def _processor_settings(path: Path) -> tuple[tuple[int, int], list[float], list[float]]:
+    """(target (h, w), image_mean, image_std) from a model folder's preprocessor_config.json.
+
+    The target is the crop size when the processor center-crops (DINOv2), else its size (ViT-MAE).
+    """
+    config_path = path / "preprocessor_config.json"
+    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    size = cfg["crop_size"] if cfg.get("do_center_crop") and cfg.get("crop_size") else cfg.get("size")
+    if isinstance(size, int):
+        target = (size, size)
+    elif isinstance(size, dict) and "height" in size and "width" in size:
+        target = (int(size["height"]), int(size["width"]))
+    elif isinstance(size, dict) and "shortest_edge" in size:
+        target = (int(size["shortest_edge"]),) * 2
+    else:
+        raise ValueError(f"{config_path}: cannot read an image size from size/crop_size {size!r}")
+    mean, std = cfg.get("image_mean"), cfg.get("image_std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        raise ValueError(f"{config_path}: image_mean and image_std must be lists of 3 values, got {mean!r}, {std!r}")
+    return target, [float(v) for v in mean], [float(v) for v in std]
+
+
+class _ViTImageFeatures(FeatureEncoder):
+    """Image encoders on decoded latents (spec 2.5c, 2.5d): VAE decode -> [0, 1] -> resize -> normalise -> ViT.
+
+    Maps per depth L (hidden_states[L]: 0 = embeddings, L = output of block L before the final LayerNorm):
+    "layer{L}_patch" (N, D, 1, T), the patch tokens, and "layer{L}_cls" (N, D, 1, 1), the CLS token; so
+    "layer{L}_patch_mean" / "layer{L}_patch_std" are the mean / std over the patch tokens and "layer{L}_cls" the
+    CLS token, 1 token of D dims each.
+
+    Preprocessing follows the folder's preprocessor_config.json: a bicubic resize straight to the target of
+    `_processor_settings` (224 for both paper checkpoints; antialiased like the processors' PIL resize), then
+    normalisation with its image_mean / image_std. The VAE decode (the generator's, clamped to [-1, 1]) runs in
+    chunks of `decode_chunk_size` and is differentiable, so generated latents get gradients.
+    """
+
+    needs_generator = True
+    model_class: type[PreTrainedModel]
+
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        checkpoint_path: str | Path,
+        keys: Sequence[str],
+        chunk_size: int | None,
+        decode_chunk_size: int | None,
+    ) -> None:
+        super().__init__(keys, chunk_size)
+        path = Path(checkpoint_path)
+        missing = [f for f in ("config.json", "preprocessor_config.json") if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{type(self).__name__}: model folder {path} lacks {missing}")
+        self.generator = generator  # not an nn.Module: the VAE stays out of this encoder's parameters
+        self.decode_chunk_size = decode_chunk_size
+        self.model = self.model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self.image_size, mean, std = _processor_settings(path)
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._check_keys()
+
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        depths = range(self.model.config.num_hidden_layers + 1)
+        return tuple(f"layer{d}_{part}" for d in depths for part in ("patch", "cls"))
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> normalised pixel values (N, 3, *image_size), fp32, differentiable."""
+        x = (images.float().to(self.image_mean.device) + 1) / 2
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        return (x - self.image_mean) / self.image_std
+
+    @abstractmethod
+    def hidden_states(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        """Pixel values (N, 3, h, w) -> per depth 0..L the tokens (N, 1 + T, D), CLS token first."""
+
+    def maps(self, x: Tensor) -> dict[str, Tensor]:
+        states = self.hidden_states(self.preprocess(self.generator.decode(x, self.decode_chunk_size)))
+        maps = {}
+        for name, _, _ in self._parsed.values():
+            depth, part = name.removeprefix("layer").split("_")
+            tokens = states[int(depth)][:, 1:] if part == "patch" else states[int(depth)][:, :1]
+            maps[name] = tokens.transpose(1, 2).unsqueeze(2)
+        return maps
+
+
+class ViTMAEFeatures(_ViTImageFeatures):
+    """Pixel ViT-MAE features (spec 2.5c; the SDXL "mae" recipe), `ViTMAEModel` from a local folder.
+
+    facebook/vit-mae-base ships a ViTMAEForPreTraining checkpoint; its encoder loads here (decoder ignored).
+    Masking: ViTMAEModel keeps a random (1 - mask_ratio) share of the patches on every forward (global RNG).
+    The original keeps the checkpoint's 0.75, so its features see a random 49 of 196 patches plus CLS, drawn
+    anew on every call (spec 11 item 7); `mask_ratio=None` (default) keeps that. `mask_ratio=0.0` disables the
+    masking (all patches, in order) and makes the features deterministic -- a documented deviation.
+
+    Args:
+        generator: one-step generator whose VAE decodes the latents.
+        checkpoint_path: local folder with config.json, weights and preprocessor_config.json.
+        keys: "layer{L}_patch_mean", "layer{L}_patch_std", "layer{L}_cls" (any depth L; paper: L = 12).
+        mask_ratio: None keeps the model config's ratio; otherwise in [0, 1).
+        chunk_size: ViT batch size (paper: 4); decode_chunk_size: VAE batch size (paper: 1).
+    """
+
+    model_class = ViTMAEModel
+
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        checkpoint_path: str | Path,
+        keys: Sequence[str] = VIT_MAE_KEYS,
+        mask_ratio: float | None = None,
+        chunk_size: int | None = 4,
+        decode_chunk_size: int | None = 1,
+    ) -> None:
+        super().__init__(generator, checkpoint_path, keys, chunk_size, decode_chunk_size)
+        if mask_ratio is not None:
+            if not 0 <= mask_ratio < 1:
+                raise ValueError(f"ViTMAEFeatures: mask_ratio must be in [0, 1) or None, got {mask_ratio}")
+            self.model.config.mask_ratio = float(mask_ratio)  # the embeddings read it from this config object
+        self.mask_ratio = float(self.model.config.mask_ratio)
+        side = self.model.config.image_size
+        self.interpolate_pos_encoding = self.image_size != (side, side)
+
+    def hidden_states(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        noise = None
+        if self.mask_ratio == 0:
+            # Ascending noise makes the "shuffle" the identity: all patches in order, bit-for-bit deterministic.
+            patch = self.model.config.patch_size
+            count = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+            noise = torch.arange(count, device=pixels.device, dtype=torch.float32).expand(len(pixels), -1)
+        out = self.model(
+            pixel_values=pixels,
+            noise=noise,
+            interpolate_pos_encoding=self.interpolate_pos_encoding,
+            output_hidden_states=True,
+        )
+        return out.hidden_states
+
+
+class DinoFeatures(_ViTImageFeatures):
+    """VAE decode + DINOv2 features (spec 2.5d; the SD-Turbo "DINOv2" ablation), `Dinov2Model` from a local folder.
+
+    Position embeddings are interpolated to the processor's crop size by the model. Default keys: patch mean,
+    patch std and CLS at depths 3, 6, 9, 12 (12 keys, 1 token each). No masking: deterministic.
+
+    Args:
+        generator: one-step generator whose VAE decodes the latents.
+        checkpoint_path: local folder with config.json, weights and preprocessor_config.json (facebook/dinov2-base).
+        keys: "layer{L}_patch_mean", "layer{L}_patch_std", "layer{L}_cls" for any depths L.
+        chunk_size: ViT batch size; decode_chunk_size: VAE batch size (paper: 1 for both).
+    """
+
+    model_class = Dinov2Model
+
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        checkpoint_path: str | Path,
+        keys: Sequence[str] = DINO_KEYS,
+        chunk_size: int | None = 1,
+        decode_chunk_size: int | None = 1,
+    ) -> None:
+        super().__init__(generator, checkpoint_path, keys, chunk_size, decode_chunk_size)
+
+    def hidden_states(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+
 
 FEATURE_ENCODERS: dict[str, type[FeatureEncoder]] = {
     "latent_mae": LatentMAEFeatures,
+    "teacher_unet": TeacherUNetFeatures,
+    "vit_mae": ViTMAEFeatures,
+    "dino": DinoFeatures,
     "raw_latent": RawLatentFeatures,
 }
 
 
-def build_feature_encoder(name: str, **kwargs: Any) -> FeatureEncoder:
-    """Instantiate the encoder registered as `name` with `kwargs`; ValueError for unknown names."""
+def build_feature_encoder(name: str, generator: OneStepGenerator | None = None, **kwargs: Any) -> FeatureEncoder:
+    """Instantiate the encoder registered as `name` with `kwargs`; ValueError for unknown names.
+
+    `generator` is passed to the encoders that need one (`needs_generator`; required there) and ignored by the
+    others, so a caller can always pass it.
+    """
     if name not in FEATURE_ENCODERS:
         raise ValueError(f"unknown feature encoder {name!r}; valid names: {sorted(FEATURE_ENCODERS)}")
-    return FEATURE_ENCODERS[name](**kwargs)
+    cls = FEATURE_ENCODERS[name]
+    if cls.needs_generator:
+        if generator is None:
+            raise ValueError(
+                f"feature encoder {name!r} needs the generator: build_feature_encoder({name!r}, generator=...)"
+            )
+        kwargs["generator"] = generator
+    return cls(**kwargs)

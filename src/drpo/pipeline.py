@@ -28,10 +28,10 @@ def load_models(config: dict, *, features: bool = True):
     encoder = None
     if features:
         spec = models["features"]
-        kwargs = {"keys": tuple(spec["keys"])}
+        kwargs = {"keys": tuple(spec["keys"]), **spec["options"]}
         if spec.get("checkpoint"):
             kwargs["checkpoint_path"] = spec["checkpoint"]
-        encoder = build_feature_encoder(spec["name"], **kwargs).to(device)
+        encoder = build_feature_encoder(spec["name"], generator=generator, **kwargs).to(device)
     return generator, reward, encoder
 
 

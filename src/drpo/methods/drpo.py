@@ -63,9 +63,9 @@ class DrPO(Method):
             scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
         pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
 
-        generated = self.features(latents.float())
+        generated = self.features(latents.float(), cond=cond)
         with torch.no_grad():
-            reference = self.features(batch.reference.to(latents.device).float())
+            reference = self.features(batch.reference.to(latents.device).float(), cond=cond)
         # Anchors are the candidates' own features, detached (no second encoder pass).
         feats = {name: value.unsqueeze(0) for name, value in generated.items()}
         refs = {name: value.unsqueeze(0) for name, value in reference.items()}

@@ -1,0 +1,101 @@
+"""Which local weight files a config needs, and which of them are missing.
+
+Nothing is ever downloaded: every model is read from a path named in the config. `check_assets`
+lists every missing file with its expected path and what it is, so a paper-scale run fails on the
+login node in seconds instead of on a GPU after the queue wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Asset:
+    path: str
+    what: str
+    #: Alternatives: the asset is present when any one of these exists (e.g. fp16 or fp32 weights).
+    alternatives: tuple[str, ...] = ()
+
+    def present(self) -> bool:
+        return any(Path(p).exists() for p in (self.path, *self.alternatives))
+
+
+def _weights(folder: str, what: str, stem: str) -> Asset:
+    return Asset(f"{folder}/{stem}.safetensors", what,
+                 (f"{folder}/{stem}.fp16.safetensors", f"{folder}/{stem}.bin"))
+
+
+def generator_assets(path: str, kind: str) -> list[Asset]:
+    """A diffusers pipeline folder: model_index.json, configs and weights of every component."""
+    name = "SD-Turbo" if kind == "sd-turbo" else "SDXL-Turbo"
+    assets = [Asset(f"{path}/model_index.json", f"{name} pipeline index (diffusers folder)"),
+              Asset(f"{path}/scheduler/scheduler_config.json", f"{name} scheduler config")]
+    for component, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                            ("text_encoder", "model")):
+        assets.append(Asset(f"{path}/{component}/config.json", f"{name} {component} config"))
+        assets.append(_weights(f"{path}/{component}", f"{name} {component} weights", stem))
+    assets.append(Asset(f"{path}/tokenizer/tokenizer_config.json", f"{name} CLIP tokenizer"))
+    if kind == "sdxl-turbo":
+        assets.append(Asset(f"{path}/text_encoder_2/config.json", f"{name} second text encoder config"))
+        assets.append(_weights(f"{path}/text_encoder_2", f"{name} second text encoder weights", "model"))
+        assets.append(Asset(f"{path}/tokenizer_2/tokenizer_config.json", f"{name} second tokenizer"))
+    return assets
+
+
+def hf_folder(path: str, what: str) -> list[Asset]:
+    """A Hugging Face model folder saved with save_pretrained."""
+    return [Asset(f"{path}/config.json", f"{what} config"), _weights(path, f"{what} weights", "model")]
+
+
+def feature_assets(spec: dict) -> list[Asset]:
+    name, checkpoint = spec["name"], spec.get("checkpoint")
+    if name == "latent_mae":
+        return [Asset(checkpoint, "latent-MAE encoder (Drifting export, e.g. mae_latent_256_torch.pth)")]
+    if name == "vit_mae":
+        return hf_folder(checkpoint, "ViT-MAE (facebook/vit-mae-base)") + [
+            Asset(f"{checkpoint}/preprocessor_config.json", "ViT-MAE image processor config")]
+    if name == "dino":
+        return hf_folder(checkpoint, "DINOv2 (dinov2-base)") + [
+            Asset(f"{checkpoint}/preprocessor_config.json", "DINOv2 image processor config")]
+    return []  # teacher_unet and raw_latent need nothing beyond the generator
+
+
+def reward_assets(spec: dict) -> list[Asset]:
+    """Files of a reward spec ({"name", "path", ...} or an ensemble of such specs)."""
+    if "ensemble" in spec:
+        return [asset for member in spec["ensemble"].values() for asset in reward_assets(member)]
+    from drpo.rewards import REWARDS
+
+    reward_class = REWARDS.get(spec["name"])
+    required = getattr(reward_class, "required_assets", None)
+    if required is not None:
+        return required(spec)
+    if spec.get("path"):
+        return hf_folder(spec["path"], f"{spec['name']} reward model")
+    return []
+
+
+def required_assets(config: dict) -> list[Asset]:
+    models = config["models"]
+    assets = generator_assets(models["generator"]["path"], models["generator"]["kind"])
+    assets += feature_assets(models["features"])
+    assets += reward_assets(models["reward"])
+    for spec in config.get("evaluate", {}).get("rewards", []):
+        assets += reward_assets(spec)
+    return list(dict.fromkeys(assets))
+
+
+def missing_assets(config: dict) -> list[Asset]:
+    return [asset for asset in required_assets(config) if not asset.present()]
+
+
+def check_assets(config: dict) -> None:
+    """Raise FileNotFoundError listing every missing file, its expected path and what it is."""
+    missing = missing_assets(config)
+    if missing:
+        lines = [f"  {asset.path}\n      {asset.what}" for asset in missing]
+        raise FileNotFoundError(
+            f"{len(missing)} model file(s) missing (nothing is downloaded; put them at these paths or "
+            "change the paths in the config):\n" + "\n".join(lines))

@@ -62,19 +62,30 @@ def feature_assets(spec: dict) -> list[Asset]:
     return []  # teacher_unet and raw_latent need nothing beyond the generator
 
 
-def reward_assets(spec: dict) -> list[Asset]:
-    """Files of a reward spec ({"name", "path", ...} or an ensemble of such specs)."""
-    if "ensemble" in spec:
-        return [asset for member in spec["ensemble"].values() for asset in reward_assets(member)]
-    from drpo.rewards import REWARDS
+_FILE_KEYS = ("_path", "_checkpoint", "_config", "_dir", "checkpoint")
 
-    reward_class = REWARDS.get(spec["name"])
-    required = getattr(reward_class, "required_assets", None)
-    if required is not None:
-        return required(spec)
-    if spec.get("path"):
-        return hf_folder(spec["path"], f"{spec['name']} reward model")
-    return []
+
+def reward_assets(spec: dict) -> list[Asset]:
+    """Files of a reward spec ({"name", "path", ...kwargs} or an ensemble), read off its arguments:
+    a model folder ("path"/"model_path"), every *_path/*_checkpoint/*_config/*_dir argument, and the
+    python of a worker's environment."""
+    if "ensemble" in spec:
+        return [asset for key, member in spec["ensemble"].items()
+                for asset in reward_assets({"name": key} | member)]
+    name = spec["name"]
+    assets = []
+    for key, value in spec.items():
+        if not isinstance(value, str):
+            continue
+        if key in ("path", "model_path"):
+            assets += [Asset(f"{value}/config.json", f"{name} reward model config"),
+                       Asset(f"{value}/model.safetensors", f"{name} reward model weights",
+                             (f"{value}/model.safetensors.index.json", f"{value}/pytorch_model.bin"))]
+        elif key.endswith(_FILE_KEYS):
+            assets.append(Asset(value, f"{name} reward: {key}"))
+        elif key == "python":
+            assets.append(Asset(value, f"{name} worker's python (build its environment from envs/)"))
+    return assets
 
 
 def required_assets(config: dict) -> list[Asset]:
@@ -82,8 +93,8 @@ def required_assets(config: dict) -> list[Asset]:
     assets = generator_assets(models["generator"]["path"], models["generator"]["kind"])
     assets += feature_assets(models["features"])
     assets += reward_assets(models["reward"])
-    for spec in config.get("evaluate", {}).get("rewards", []):
-        assets += reward_assets(spec)
+    for label, spec in config.get("evaluate", {}).get("rewards", {}).items():
+        assets += reward_assets({"name": label} | spec)
     return list(dict.fromkeys(assets))
 
 

@@ -42,13 +42,15 @@ def sample_latents(generator, prompts: list[str], seeds: list[int], *, batch_siz
 
 @torch.no_grad()
 def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], seeds: list[int], *,
-                  batch_size: int = 64, world_spec=None, images_dir: str | Path | None = None
-                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  batch_size: int = 64, world_spec=None, images_dir: str | Path | None = None,
+                  held_out: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and score latents from :func:`sample_latents`.
 
     Returns (per-image table, per-prompt table). ``rows`` are the prompts' metadata (GenEval rows,
-    or {"prompt": ...} at paper scale); ``world_spec`` enables the GenEval-lite detector.
+    or {"prompt": ...} at paper scale); ``world_spec`` enables the GenEval-lite detector;
+    ``held_out`` maps labels to further rewards scored on the same images (column reward_<label>).
     """
+    held_out = held_out or {}
     from drpo.world.detect import judge
 
     n_seeds = len(seeds)
@@ -60,13 +62,16 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
         images = generator.decode(latents[start:start + batch_size].to(generator.device, generator.dtype))
         prompts = [row["prompt"] for row in batch_rows]
         scores = reward.score(images, prompts, metadata=batch_rows)
+        extra = {label: other.score(images, prompts, metadata=batch_rows).tolist()
+                 for label, other in held_out.items()}
         embeddings.append(reward.embed_images(images).float().cpu())
         pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         for offset, (row, score, image) in enumerate(zip(batch_rows, scores.tolist(), pixels)):
             flat = start + offset
             record = {"prompt_index": flat // n_seeds, "seed": seeds[flat % n_seeds],
-                      "prompt": row["prompt"], "tag": row.get("tag"), "reward": score}
+                      "prompt": row["prompt"], "tag": row.get("tag"), "reward": score,
+                      **{f"reward_{label}": values[offset] for label, values in extra.items()}}
             if world_spec is not None:
                 record["correct"], record["reason"] = judge(image, row, world_spec)
             records.append(record)
@@ -91,10 +96,14 @@ def _diversity(embeddings: torch.Tensor, n_prompts: int, n_seeds: int) -> pd.Dat
     return pd.DataFrame({"prompt_index": np.arange(n_prompts), "diversity": distance.numpy()})
 
 
-def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale: float) -> dict[str, float]:
-    """One row of the results table: reward x scale, GenEval-lite per tag and overall, diversity."""
+def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale: float,
+              held_out_scales: dict[str, float] | None = None) -> dict[str, float]:
+    """One row of the results table: rewards x their report scales, GenEval-lite per tag and overall,
+    diversity."""
     summary = {"reward": float(per_image["reward"].mean() * reward_scale),
                "diversity": float(per_prompt["diversity"].mean())}
+    for label, scale in (held_out_scales or {}).items():
+        summary[f"reward_{label}"] = float(per_image[f"reward_{label}"].mean() * scale)
     if "correct" in per_image:
         by_tag = per_image.groupby("tag")["correct"].mean()
         for tag in GENEVAL_TAGS:

@@ -19,12 +19,12 @@ def load_models(config: dict, *, features: bool = True):
     """(generator, reward, feature encoder or None) as configured, on the configured device."""
     from drpo.features import build_feature_encoder
     from drpo.generators import load_generator
-    from drpo.rewards import build_reward
+    from drpo.rewards import build_reward_from_config
 
     device = resolve_device(config["device"])
     models = config["models"]
     generator = load_generator(models["generator"]["path"], models["generator"]["kind"], device=device)
-    reward = build_reward(models["reward"]["name"], model_path=models["reward"]["path"], device=device)
+    reward = build_reward_from_config(with_device(models["reward"], device))
     encoder = None
     if features:
         spec = models["features"]
@@ -33,6 +33,15 @@ def load_models(config: dict, *, features: bool = True):
             kwargs["checkpoint_path"] = spec["checkpoint"]
         encoder = build_feature_encoder(spec["name"], generator=generator, **kwargs).to(device)
     return generator, reward, encoder
+
+
+def with_device(reward_spec: dict, device: str) -> dict:
+    """A reward spec with ``device`` set on it (or on every ensemble member) unless it names its own."""
+    if "ensemble" in reward_spec:
+        return {"ensemble": {k: with_device(v, device) for k, v in reward_spec["ensemble"].items()}}
+    if reward_spec.get("name") == "geneval_lite" or "python" in reward_spec:
+        return dict(reward_spec)  # procedural / out-of-process rewards take no torch device here
+    return {"device": device} | reward_spec
 
 
 def world_spec(config: dict):
@@ -105,7 +114,12 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
     from drpo.lora import load_lora
     from drpo.train import CHECKPOINT_PREFIX
 
+    from drpo.rewards import build_reward_from_config
+
     generator, reward, _ = load_models(config, features=False)
+    device = str(generator.device)
+    held_out = {label: build_reward_from_config(with_device({"name": label} | spec, device))
+                for label, spec in config["evaluate"]["rewards"].items()}
     adapters = run_dir is not None
     if adapters:
         load_lora(generator.unet, Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}")
@@ -119,11 +133,13 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
     images_dir = Path(summary_out).parent / "geneval_samples" if evaluation["save_images"] else None
     per_image, per_prompt = score_latents(generator, reward, latents, rows, seeds,
                                           batch_size=evaluation["batch_size"],
-                                          world_spec=world_spec(config), images_dir=images_dir)
+                                          world_spec=world_spec(config), images_dir=images_dir,
+                                          held_out=held_out)
     per_image = per_image.merge(per_prompt, on="prompt_index")
     per_image.to_parquet(per_image_out, index=False)
     summary = {"method": method, "seed": seed, "step": step,
-               **summarize(per_image, per_prompt, reward_scale=getattr(reward, "report_scale", 1.0))}
+               **summarize(per_image, per_prompt, reward_scale=reward.report_scale,
+                           held_out_scales={label: r.report_scale for label, r in held_out.items()})}
     Path(summary_out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

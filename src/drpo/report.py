@@ -22,6 +22,20 @@ METRIC_LABELS = {
 }
 
 
+def metric_label(metric: str) -> str:
+    """Axis/column label of a summary metric (held-out rewards are reward_<label>)."""
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    return f"held-out {metric.removeprefix('reward_')} (report scale)"
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    """Metrics present in a table, in display order: target reward, held-out rewards, GenEval, diversity."""
+    held_out = sorted(c for c in frame if c.startswith("reward_") and not c.endswith("_std"))
+    ordered = ["reward", *held_out, *[m for m in METRIC_LABELS if m != "reward"]]
+    return [m for m in ordered if m in frame]
+
+
 def collect(summary_files: list[str | Path]) -> pd.DataFrame:
     """Stack evaluation summaries (JSON: method, seed, step and metrics) into one table."""
     rows = [json.loads(Path(path).read_text()) for path in summary_files]
@@ -41,7 +55,7 @@ def with_base_rows(steps: pd.DataFrame) -> pd.DataFrame:
 
 def final_table(steps: pd.DataFrame) -> pd.DataFrame:
     """Base row plus one row per method at its last step: mean and std over seeds, seed count."""
-    metrics = [c for c in METRIC_LABELS if c in steps]
+    metrics = metric_columns(steps)
     base = steps[steps["method"] == "base"]
     trained = steps[steps["method"] != "base"]
     last = trained[trained["step"] == trained.groupby("method")["step"].transform("max")]
@@ -69,8 +83,8 @@ def write_tables(steps: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The summary as a Markdown table with mean ± std cells."""
-    metrics = [c for c in METRIC_LABELS if c in table]
-    header = ["method", "steps", "seeds", *[METRIC_LABELS[m] for m in metrics]]
+    metrics = metric_columns(table)
+    header = ["method", "steps", "seeds", *[metric_label(m) for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [row["method"], str(row["steps"]), str(row["seeds"])]
@@ -92,7 +106,7 @@ def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path) -> No
             ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=f"{method} ({n_seeds} seeds)")
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
         ax.set_xlabel("update step")
-        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_ylabel(metric_label(metric))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

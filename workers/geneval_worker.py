@@ -1,0 +1,75 @@
+"""GenEval worker (environment: envs/geneval.yaml; client: drpo.reward_worker.GenEvalWorker).
+
+Runs the official judge of djghosh13/geneval (`evaluation/evaluate_images.py` of a local clone): Mask2Former
+Swin-S (mmdet 2.x) detection, CLIP ViT-L-14 colour classification, GenEval's rules. That script sets its models
+and thresholds as globals in `__main__`; this worker imports it and sets the same globals, with local weights
+and GenEval's defaults (confidence 0.3, 0.9 for counting, 16 objects per class, no NMS, position margin 0.1).
+Score per image: 1.0 if GenEval judges it correct, else 0.0. Each image needs its GenEval metadata row.
+"""
+
+import argparse
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+from protocol import serve
+
+DETECTOR = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco"
+
+
+def detector_config(mmdet_dir: Path) -> Path:
+    """mmdet 2.x's Mask2Former config: in a source checkout (configs/) or in the wheel (mmdet/.mim/configs/)."""
+    for root in (mmdet_dir.parent / "configs", mmdet_dir / ".mim" / "configs"):
+        if (root / "mask2former" / f"{DETECTOR}.py").is_file():
+            return root / "mask2former" / f"{DETECTOR}.py"
+    raise FileNotFoundError(f"no {DETECTOR}.py near {mmdet_dir}; pass --detector-config")
+
+
+def load(args):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import mmdet
+    import open_clip
+    from mmdet.apis import init_detector
+
+    evaluation = Path(args.geneval_dir) / "evaluation"
+    spec = importlib.util.spec_from_file_location("geneval_evaluate_images", evaluation / "evaluate_images.py")
+    geneval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(geneval)
+
+    config = args.detector_config or detector_config(Path(mmdet.__file__).parent)
+    geneval.args = argparse.Namespace(options={})  # read by its ImageCrops (background colour, cropping)
+    geneval.DEVICE = args.device
+    geneval.object_detector = init_detector(str(config), args.detector_checkpoint, device=args.device)
+    geneval.clip_model, _, geneval.transform = open_clip.create_model_and_transforms(
+        "ViT-L-14", pretrained=args.clip_checkpoint, device=args.device
+    )
+    geneval.tokenizer = open_clip.get_tokenizer("ViT-L-14")
+    geneval.classnames = (evaluation / "object_names.txt").read_text().split("\n")
+    geneval.classnames = [name.strip() for name in geneval.classnames if name.strip()]
+    geneval.THRESHOLD, geneval.COUNTING_THRESHOLD, geneval.MAX_OBJECTS = 0.3, 0.9, 16
+    geneval.NMS_THRESHOLD, geneval.POSITION_THRESHOLD = 1.0, 0.1
+    scratch = tempfile.TemporaryDirectory(prefix="geneval_worker_")
+
+    def score(images, prompts, metadata):
+        if metadata is None:
+            raise ValueError("GenEval needs one metadata row (tag, include, exclude, prompt) per image")
+        scores = []
+        for i, (image, row) in enumerate(zip(images, metadata)):
+            path = os.path.join(scratch.name, f"{i:05d}.png")  # GenEval's detector reads image files
+            image.save(path)
+            scores.append(1.0 if geneval.evaluate_image(path, row)["correct"] else 0.0)
+        return scores
+
+    return score
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--geneval-dir", required=True, help="local clone of djghosh13/geneval")
+    parser.add_argument("--detector-checkpoint", required=True, help=f"{DETECTOR}.pth")
+    parser.add_argument("--clip-checkpoint", required=True, help="open_clip ViT-L-14 'openai' weights file")
+    parser.add_argument("--detector-config", default=None, help=f"{DETECTOR}.py (default: mmdet's own)")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    serve(lambda: load(args), name="geneval", version="djghosh13/geneval evaluate_images.py")

@@ -95,7 +95,10 @@ def required_assets(config: dict) -> list[Asset]:
     assets += reward_assets(models["reward"])
     for label, spec in config.get("evaluate", {}).get("rewards", {}).items():
         assets += reward_assets({"name": label} | spec)
-    return list(dict.fromkeys(assets))
+    if not config.get("world", {}).get("enabled", True):
+        assets += [Asset(config["prompts"][split], f"{split} prompts (.txt or GenEval .jsonl)")
+                   for split in ("train", "test")]
+    return list({asset.path: asset for asset in reversed(assets)}.values())[::-1]  # first mention wins
 
 
 def missing_assets(config: dict) -> list[Asset]:

@@ -27,7 +27,10 @@ def test_prompts():
 
 
 def model_inputs(wildcards=None):
-    """Files of the configured models (their presence is what the rules depend on)."""
+    """What the model-using rules depend on: the miniature's model files (built by rules when absent),
+    or, with your own weights, the asset check that lists every missing file before any GPU job."""
+    if not config["world"]["enabled"]:
+        return {"assets": f"{R}/provenance/assets.json"}
     models = config["models"]
     files = {"generator": models["generator"]["path"] + "/model_index.json",
              "reward": models["reward"]["path"] + "/config.json"}

@@ -45,3 +45,17 @@ rule provenance:
         "Saving the resolved config and package versions"
     script:
         "../scripts/provenance.py"
+
+
+rule check_assets:
+    output:
+        f"{R}/provenance/assets.json",
+    log:
+        f"{R}/logs/check_assets.log",
+    params:
+        models=config["models"],
+        held_out=config["evaluate"]["rewards"],
+    message:
+        "Checking that every model file of this config is on disk"
+    script:
+        "../scripts/check_assets.py"

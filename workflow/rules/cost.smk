@@ -1,0 +1,61 @@
+# Compute-cost report (method spec section 6): per-component cost of one DrPO and one DRaFT update, as
+# analytic FLOPs at paper scale (real architectures on the meta device, no weights), as measured time of
+# the miniature on this machine, from GPU profiles of scripts/profile_gpu.py when given, and the paper's.
+from pathlib import Path
+
+
+def cost_model_files():
+    """The configured miniature model files that exist: retraining them reruns the measurement."""
+    return [path for path in model_inputs().values() if Path(path).exists()]
+
+
+def cost_gpu_profiles():
+    return [path for path in config["cost"]["gpu_profiles"] if Path(path).exists()]
+
+
+rule cost_analytic:
+    output:
+        f"{R}/cost/analytic_flops.csv",
+    params:
+        section=config["cost"]["analytic"],
+    log:
+        f"{R}/logs/cost_analytic.log",
+    message:
+        "Counting the FLOPs of DrPO and DRaFT updates at paper scale (meta device, no weights)"
+    script:
+        "../scripts/cost_report.py"
+
+
+rule cost_measured:
+    input:
+        models=cost_model_files(),
+        prompts=train_prompts(),
+    output:
+        f"{R}/cost/measured_miniature.csv",
+    params:
+        # Declared so that changing these settings reruns the measurement (the script reads the config).
+        section=config["cost"]["measured"],
+        drpo=config["drpo"],
+    threads: 1
+    log:
+        f"{R}/logs/cost_measured.log",
+    message:
+        "Timing DrPO and DRaFT updates of the miniature, component by component"
+    script:
+        "../scripts/cost_report.py"
+
+
+rule cost_report:
+    input:
+        analytic=rules.cost_analytic.output[0],
+        measured=rules.cost_measured.output[0],
+        gpu=cost_gpu_profiles(),
+    output:
+        table=report(f"{R}/cost/cost_table.csv", category="Compute cost"),
+        figure=report(f"{R}/cost/cost_components.png", category="Compute cost"),
+    log:
+        f"{R}/logs/cost_report.log",
+    message:
+        "Writing the compute-cost table and the per-component figure"
+    script:
+        "../scripts/cost_report.py"

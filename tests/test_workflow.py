@@ -46,4 +46,5 @@ def test_a_mistyped_key_stops_the_run_and_is_named(tmp_path):
     override.write_text(yaml.safe_dump({"train": {"learning_rte": 1e-4}}))
     result = _dry_run(tmp_path, REPO / "config.yaml", override)
     assert result.returncode != 0
-    assert "learning_rte" in result.stderr and "train" in result.stderr
+    output = result.stdout + result.stderr
+    assert "learning_rte" in output and "Additional properties" in output

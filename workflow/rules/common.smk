@@ -55,6 +55,8 @@ def final_outputs():
         f"{R}/figures/geneval_vs_step.png",
         f"{R}/figures/grid_base_vs_{config['train']['methods'][0]}_seed{config['train']['seeds'][0]}.png",
         f"{R}/provenance/config.resolved.yaml",
+        f"{R}/cost/cost_table.csv",
+        f"{R}/cost/cost_components.png",
     ]
 
 

@@ -36,7 +36,10 @@ rule cost_measured:
         # Declared so that changing these settings reruns the measurement (the script reads the config).
         section=config["cost"]["measured"],
         drpo=config["drpo"],
-    threads: 1
+    # It times this machine: run locally, holding every local core so that no other job of the workflow runs
+    # meanwhile (torch itself uses cost.measured.threads).
+    localrule: True
+    threads: workflow.cores
     log:
         f"{R}/logs/cost_measured.log",
     message:
@@ -51,8 +54,8 @@ rule cost_report:
         measured=rules.cost_measured.output[0],
         gpu=cost_gpu_profiles(),
     output:
-        table=report(f"{R}/cost/cost_table.csv", category="Compute cost"),
-        figure=report(f"{R}/cost/cost_components.png", category="Compute cost"),
+        table=report(f"{R}/cost/cost_table.csv", category="Compute cost", caption="../report/cost.rst"),
+        figure=report(f"{R}/cost/cost_components.png", category="Compute cost", caption="../report/cost.rst"),
     log:
         f"{R}/logs/cost_report.log",
     message:

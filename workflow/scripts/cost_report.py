@@ -3,15 +3,12 @@
 from _log import redirect
 
 redirect(snakemake)
-import torch
-
 from drpo.cost.report import measure_miniature, run_analytic, write_report
 from drpo.pipeline import read_rows
 
 if snakemake.rule == "cost_analytic":
     run_analytic(snakemake.params.section, snakemake.output[0])
 elif snakemake.rule == "cost_measured":
-    torch.set_num_threads(snakemake.threads)
     prompts = [row["prompt"] for row in read_rows(snakemake.input.prompts)]
     measure_miniature(snakemake.config, prompts, snakemake.output[0])
 else:

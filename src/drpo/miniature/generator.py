@@ -1,0 +1,229 @@
+"""The miniature's SD-Turbo: a tiny one-step text-to-image generator trained by Drifting on rendered data.
+
+The result is a StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
+model_index.json) that drpo.generators.load_generator(path, "sd-turbo") reads and samples with SD-Turbo's rule:
+one UNet call at t = 999 and the epsilon projection x = sqrt(a_0) (z - sqrt(1 - a_T) eps) / sqrt(a_T) +
+sqrt(1 - a_0) eps. Training goes through that very sampler (drpo.generators.SDTurboGenerator.sample).
+
+Schedule (a config choice, not a code path): SD-2.x's scaled-linear betas end at 0.012, which gives
+sqrt(a_999) = 0.068, so the projection amplifies any error of the predicted eps by sqrt(1 - a_T) / sqrt(a_T)
+= 14.6: the UNet must reproduce its input noise to about 1 % before an image appears. A network of a few
+hundred thousand parameters trained for minutes does not get there, so the miniature's scheduler keeps SD's
+beta_start and scaled-linear shape but ends at `beta_end` = 0.002 (sqrt(a_999) = 0.50, amplification 1.7).
+
+Training (Drifting, spec sections 1 and 2.6): for each of `prompts_per_step` prompts, K samples from fresh noise
+(with grad) and P VAE latents of renders of that prompt (the data) are embedded by frozen encoders; per feature
+the field drift_loss(generated, positives, no negatives) attracts samples to the data and repels them from each
+other, and the generator regresses onto sg(phi(x) + V). Features: per-location tokens of the raw latent and of
+the latent-MAE stage maps, each location its own point cloud (a location is only compared with the same location
+of other samples, which keeps objects in place and backgrounds uniform), plus global mean/std tokens of every
+map and the whole latent as one token (joint structure).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+from torch import Tensor
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from drpo.drift import drift_loss
+from drpo.evaluate import sample_latents
+from drpo.features import LatentMAEFeatures
+from drpo.generators import PromptEmbedding, SDTurboGenerator
+from drpo.miniature.autoencoder import encode, load_autoencoder
+from drpo.miniature.data import max_prompt_tokens, render_pool, sample_rows, to_float, vocabulary, write_provenance
+from drpo.miniature.mae import CHECKPOINT_NAME
+from drpo.tiny import build_clip_tokenizer, tiny_text_config, tiny_unet_config, turbo_scheduler_config, write_pipeline_folder
+from drpo.world.detect import judge
+from drpo.world.prompts import TAGS
+from drpo.world.spec import WorldSpec
+
+DEFAULT_MAE_MAPS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _tokens_by_location(features: Tensor, groups: int) -> Tensor:
+    """(G*K, T, D) tokens of G prompts x K samples -> (G*T, K, D): one point cloud per prompt and location."""
+    n, t, d = features.shape
+    return features.view(groups, n // groups, t, d).transpose(1, 2).reshape(groups * t, n // groups, d)
+
+
+def _bag(features: Tensor, groups: int) -> Tensor:
+    """(G*K, T, D) tokens of G prompts x K samples -> (G, K*T, D): all tokens of a prompt's samples in one cloud."""
+    return features.reshape(groups, -1, features.shape[-1])
+
+
+def _clouds(
+    latents: Tensor, mae: LatentMAEFeatures, groups: int, patches: Sequence[int], bag_maps: Sequence[str]
+) -> dict[str, Tensor]:
+    """Feature point clouds of latents (G*K, C, H, W) of G prompts: key -> (B, n, D), B = G or G x locations.
+
+    Raw latent: "latent" (each position), "latent_p{p}" (non-overlapping p x p patches flattened, C p^2 dims),
+    both one cloud per prompt and location, which keeps objects where the data put them; "bag_latent_p{p}" (the
+    same patches of all positions in one cloud per prompt: local shape statistics wherever the object is, which
+    sharpens edges and corners); "latent_all" (the whole latent as one token: joint structure). MAE maps
+    (`mae.keys`): spatial maps per location, mean/std tokens per prompt, and the maps in `bag_maps` also as bags.
+    """
+    clouds = {"latent_all": latents.flatten(1).view(groups, -1, latents[0].numel())}
+    clouds["latent"] = _tokens_by_location(latents.flatten(2).transpose(1, 2), groups)
+    for p in patches:
+        tokens = F.unfold(latents, p, stride=p).transpose(1, 2)
+        clouds[f"latent_p{p}"] = _tokens_by_location(tokens, groups)
+        clouds[f"bag_latent_p{p}"] = _bag(tokens, groups)
+    for key, value in mae(latents).items():
+        if value.shape[1] == 1:
+            clouds[key] = _bag(value, groups)
+            continue
+        clouds[key] = _tokens_by_location(value, groups)
+        if key in bag_maps:
+            clouds[f"bag_{key}"] = _bag(value, groups)
+    return clouds
+
+
+def mae_keys(maps: Sequence[str]) -> list[str]:
+    """Per-location tokens plus global mean and std of every MAE map."""
+    return [k for m in maps for k in (m, f"{m}_mean", f"{m}_std")]
+
+
+@torch.no_grad()
+def geneval_lite(
+    generator: SDTurboGenerator, rows: Sequence[dict[str, Any]], spec: WorldSpec, seeds: Sequence[int] = (0, 1, 2, 3)
+) -> dict[str, float]:
+    """Accuracy of the detector's judge per tag and overall (mean of the tags present) on rows x seeds.
+
+    Noise per image as in drpo.evaluate (seed * 1e6 + prompt index).
+    """
+    latents = sample_latents(generator, [row["prompt"] for row in rows], list(seeds), batch_size=256)
+    images = generator.to_uint8(generator.decode(latents)).numpy()
+    correct: dict[str, list[bool]] = {}
+    for i, image in enumerate(images):
+        row = rows[i // len(seeds)]
+        correct.setdefault(row["tag"], []).append(judge(image, row, spec)[0])
+    result = {tag: float(np.mean(correct[tag])) for tag in TAGS if tag in correct}
+    result["overall"] = float(np.mean(list(result.values())))
+    return result
+
+
+def train_generator(
+    spec: WorldSpec,
+    rows: Sequence[dict[str, Any]],
+    *,
+    autoencoder: str | Path,
+    mae: str | Path,
+    out_dir: str | Path,
+    steps: int = 600,
+    prompts_per_step: int = 8,
+    samples_per_prompt: int = 32,
+    positives_per_prompt: int = 32,
+    renders_per_row: int = 96,
+    lr: float = 1e-3,
+    unet_channels: Sequence[int] = (32, 64, 128),
+    layers_per_block: int = 1,
+    text_hidden: int = 64,
+    beta_end: float = 0.002,
+    mae_maps: Sequence[str] = DEFAULT_MAE_MAPS,
+    latent_patches: Sequence[int] = (2, 4),
+    bag_maps: Sequence[str] = ("layer1", "layer2"),
+    radii: Sequence[float] = (0.02, 0.05, 0.2),
+    eval_rows: Sequence[dict[str, Any]] | None = None,
+    eval_every: int = 0,
+    eval_seeds: Sequence[int] = (0, 1, 2, 3),
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Train UNet and text encoder jointly by Drifting on renders of `rows`; write the SD-Turbo folder to `out_dir`.
+
+    autoencoder: folder of train_autoencoder (becomes vae/); mae: folder of train_mae (frozen feature encoder).
+    The data are a fixed pool of `renders_per_row` renders per row, VAE-encoded once. AdamW with cosine decay,
+    gradient clipping at 1. If `eval_rows` are given, GenEval-lite (detector judge on eval_rows x eval_seeds) is
+    measured every `eval_every` steps (0: only at the end) and logged in the metrics' "history".
+    """
+    started = time.time()
+    arguments = {k: v for k, v in locals().items() if k not in ("spec", "rows", "eval_rows", "started")}
+    arguments |= {"spec": spec.to_dict(), "rows": len(rows), "eval_rows": len(eval_rows or [])}
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pick_rng = torch.Generator().manual_seed(seed)
+    noise_rng = torch.Generator(device).manual_seed(seed)
+
+    vae = load_autoencoder(autoencoder).to(device)
+    mae_features = LatentMAEFeatures(Path(mae) / CHECKPOINT_NAME, keys=mae_keys(mae_maps), block_stride=0).to(device)
+    tokenizer = build_clip_tokenizer(vocabulary(spec), model_max_length=max_prompt_tokens(spec))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(tokenizer, hidden_size=text_hidden, num_layers=2)))
+    latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = UNet2DConditionModel(
+        **tiny_unet_config(
+            sample_size=latent_size,
+            latent_channels=vae.config.latent_channels,
+            block_out_channels=unet_channels,
+            cross_attention_dim=text_hidden,
+            layers_per_block=layers_per_block,
+            attention_heads=4,
+        )
+    ).to(device)
+    text_encoder.to(device)
+    scheduler = EulerDiscreteScheduler(**turbo_scheduler_config() | {"beta_end": beta_end})
+    generator = SDTurboGenerator(
+        unet, vae, text_encoder, tokenizer, scheduler, device=torch.device(device), dtype=torch.float32
+    )
+
+    data = encode(vae, to_float(render_pool(rows, renders_per_row, spec, seed).flatten(0, 1)).to(device))
+    data = data.view(len(rows), renders_per_row, *data.shape[1:])
+    ids = tokenizer(
+        [row["prompt"] for row in rows], padding="max_length", max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    history: list[dict[str, Any]] = []
+    g, k, p = prompts_per_step, samples_per_prompt, positives_per_prompt
+    for step in tqdm(range(1, steps + 1), desc="train generator", mininterval=30):
+        unet.train()
+        text_encoder.train()
+        index = sample_rows(rows, g, rng)
+        hidden = text_encoder(ids[index])[0].repeat_interleave(k, dim=0)
+        latents = generator.sample(PromptEmbedding(hidden), generator.make_noise(g * k, generator=noise_rng))
+        pick = torch.stack([torch.randperm(renders_per_row, generator=pick_rng)[:p] for _ in index])
+        positives = data[torch.tensor(index, device=device)[:, None], pick.to(device)].flatten(0, 1)
+        with torch.no_grad():
+            target = _clouds(positives, mae_features, g, latent_patches, bag_maps)
+        clouds = _clouds(latents, mae_features, g, latent_patches, bag_maps)
+        loss = sum(
+            drift_loss(x, target[key], x[:, :0], positive_weight=1.0, negative_weight=1.0, radii=radii)[0].mean()
+            for key, x in clouds.items()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if eval_rows and eval_every and step % eval_every == 0 and step < steps:
+            unet.eval()
+            text_encoder.eval()
+            history.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - started, 1)}
+                           | geneval_lite(generator, eval_rows, spec, eval_seeds))
+            tqdm.write(f"generator step {step}: {history[-1]}")
+
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    metrics: dict[str, Any] = {"final_loss": loss.item(), "parameters_unet": sum(p.numel() for p in unet.parameters())}
+    if eval_rows:
+        metrics["geneval_lite"] = geneval_lite(generator, eval_rows, spec, eval_seeds)
+        history.append({"step": steps, "loss": loss.item(), "seconds": round(time.time() - started, 1)}
+                       | metrics["geneval_lite"])
+        metrics["history"] = history
+    write_pipeline_folder(out_dir, kind="sd-turbo", unet=unet.cpu(), vae=vae.cpu(), text_encoder=text_encoder.cpu(),
+                          tokenizer=tokenizer, scheduler=scheduler)
+    write_provenance(out_dir, function="drpo.miniature.generator.train_generator", arguments=arguments,
+                     seed=seed, steps=steps, started=started, metrics=metrics)
+    return metrics

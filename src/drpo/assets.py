@@ -94,7 +94,8 @@ def required_assets(config: dict) -> list[Asset]:
     assets += feature_assets(models["features"])
     assets += reward_assets(models["reward"])
     for label, spec in config.get("evaluate", {}).get("rewards", {}).items():
-        assets += reward_assets({"name": label} | spec)
+        if spec is not None:
+            assets += reward_assets({"name": label} | spec)
     if not config.get("world", {}).get("enabled", True):
         assets += [Asset(config["prompts"][split], f"{split} prompts (.txt or GenEval .jsonl)")
                    for split in ("train", "test")]

@@ -37,10 +37,15 @@ def load_models(config: dict, *, features: bool = True):
 
 def with_device(reward_spec: dict, device: str) -> dict:
     """A reward spec with ``device`` set on it (or on every ensemble member) unless it names its own."""
+    import inspect
+
+    from drpo.rewards import REWARDS
+
     if "ensemble" in reward_spec:
-        return {"ensemble": {k: with_device(v, device) for k, v in reward_spec["ensemble"].items()}}
-    if reward_spec.get("name") == "geneval_lite" or "python" in reward_spec:
-        return dict(reward_spec)  # procedural / out-of-process rewards take no torch device here
+        return {"ensemble": {k: with_device({"name": k} | v, device) for k, v in reward_spec["ensemble"].items()}}
+    reward_class = REWARDS.get(reward_spec.get("name"))
+    if reward_class is None or "device" not in inspect.signature(reward_class.__init__).parameters:
+        return dict(reward_spec)  # unknown names fail in the registry; some rewards take no device
     return {"device": device} | reward_spec
 
 
@@ -119,7 +124,7 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
     generator, reward, _ = load_models(config, features=False)
     device = str(generator.device)
     held_out = {label: build_reward_from_config(with_device({"name": label} | spec, device))
-                for label, spec in config["evaluate"]["rewards"].items()}
+                for label, spec in config["evaluate"]["rewards"].items() if spec is not None}
     adapters = run_dir is not None
     if adapters:
         load_lora(generator.unet, Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}")
@@ -145,14 +150,18 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
 
 
 def make_report(summary_files: list[str], tables_dir: str | Path, reward_png: str | Path,
-                geneval_png: str | Path) -> None:
+                geneval_png: str | Path | None = None) -> None:
+    """Tables, the reward curves (target, held-out, GenEval-lite overall, diversity) and, in the
+    miniature world, the per-task GenEval-lite curves."""
     from drpo.evaluate import GENEVAL_TAGS
-    from drpo.report import collect, plot_curves, write_tables
+    from drpo.report import collect, metric_columns, plot_curves, write_tables
 
     steps = collect(summary_files)
     write_tables(steps, tables_dir)
-    plot_curves(steps, ["reward", "geneval_overall", "diversity"], reward_png)
-    plot_curves(steps, [f"geneval_{tag}" for tag in GENEVAL_TAGS], geneval_png)
+    plot_curves(steps, [m for m in metric_columns(steps) if m.startswith("reward") or m in
+                        ("geneval_overall", "diversity")], reward_png)
+    if geneval_png is not None:
+        plot_curves(steps, [f"geneval_{tag}" for tag in GENEVAL_TAGS], geneval_png)
 
 
 @torch.no_grad()

@@ -49,10 +49,10 @@ def eval_summaries():
 
 
 def final_outputs():
-    return [
+    world = [f"{R}/figures/geneval_vs_step.png"] if config["world"]["enabled"] else []
+    return world + [
         f"{R}/tables/summary.csv",
         f"{R}/figures/reward_vs_step.png",
-        f"{R}/figures/geneval_vs_step.png",
         f"{R}/figures/grid_base_vs_{config['train']['methods'][0]}_seed{config['train']['seeds'][0]}.png",
         f"{R}/provenance/config.resolved.yaml",
         f"{R}/cost/cost_table.csv",

@@ -93,9 +93,9 @@ def micro_step_flops(method: str, models: Models, settings: UpdateSettings) -> d
             images, flops["vae_decode"] = count(gen.decode, latents.detach())
             _, flops["reward_score"] = count(reward._score, images, prompts, None)
         (positives, negatives), flops["rank_select"] = count(select_anchors, torch.randn(1, k), s.num_pos, s.num_neg)
-        feats, flops["features"] = count(models.features, latents.float())
+        feats, flops["features"] = count(models.features, latents.float(), cond=cond)
         with torch.no_grad():
-            refs, ref_flops = count(models.features, reference.float())
+            refs, ref_flops = count(models.features, reference.float(), cond=cond)
         flops["features"] += ref_flops
         shapes = tuple((k, tuple(v.shape)) for k, v in feats.items())
         flops["loss"] = _drpo_loss_flops(shapes, positives.shape[1], negatives.shape[1], s)

@@ -179,9 +179,9 @@ def drpo_update(models: Models, optimizer: torch.optim.Optimizer, batches: Seque
         with timer("rank_select"):
             positives, negatives = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
         with timer("features"):
-            feats = models.features(latents.float())
+            feats = models.features(latents.float(), cond=cond)
             with torch.no_grad():
-                refs = models.features(reference.float())
+                refs = models.features(reference.float(), cond=cond)
         with timer("loss"):
             loss = drpo_loss(feats, refs, positives[0].to(latents.device), negatives[0].to(latents.device), s)
         with timer("backward"):

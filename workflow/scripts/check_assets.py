@@ -1,9 +1,9 @@
 import json
 from pathlib import Path
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.assets import check_assets, required_assets
 
 check_assets(snakemake.config)

@@ -1,8 +1,8 @@
 """The three rules of workflow/rules/cost.smk: analytic FLOPs, measured miniature, the table and figure."""
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.cost.report import measure_miniature, run_analytic, write_report
 from drpo.pipeline import read_rows
 

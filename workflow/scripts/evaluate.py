@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.pipeline import run_evaluation
 
 w = snakemake.wildcards

@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.pipeline import make_grid
 
 make_grid(snakemake.config, snakemake.input.prompts, Path(snakemake.input.done).parent,

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.miniature.build import build_model
 
 part = snakemake.rule.removeprefix("miniature_")

@@ -1,6 +1,6 @@
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.pipeline import make_reference_bank
 
 make_reference_bank(snakemake.config, snakemake.input.prompts, snakemake.output.bank)

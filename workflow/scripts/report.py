@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.pipeline import make_report
 
 make_report(list(snakemake.input.summaries), Path(snakemake.output.table).parent,

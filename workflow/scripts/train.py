@@ -4,9 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.pipeline import run_training
 from drpo.provenance import write_provenance
 

@@ -1,6 +1,6 @@
-from _log import redirect
+from _job import start
 
-redirect(snakemake)
+start(snakemake)
 from drpo.pipeline import make_world
 
 make_world(snakemake.config, snakemake.output.train, snakemake.output.test)

@@ -37,7 +37,7 @@ def splits():
 @pytest.fixture(scope="module")
 def autoencoder_dir(tmp_path_factory, splits):
     out = tmp_path_factory.mktemp("autoencoder")
-    train_autoencoder(SPEC, splits[0], out_dir=out, steps=2, batch_size=4, block_out_channels=(8, 16, 16),
+    train_autoencoder(SPEC, splits[0], out_dir=out, steps=2, batch_size=4, block_out_channels=(8, 16),
                       eval_rows=splits[1][:4])
     return out
 
@@ -88,15 +88,15 @@ def test_autoencoder_folder_loads_and_scales_latents(autoencoder_dir, splits):
     assert vae.config.scaling_factor == pytest.approx(provenance["metrics"]["scaling_factor"])
     images = to_float(render_pool(splits[0][:16], 4, SPEC, seed=1).flatten(0, 1))
     latents = encode(vae, images)
-    assert latents.shape == (64, 4, 8, 8)
+    assert latents.shape == (64, 4, 16, 16)  # factor 2: 32 px renders, 16 x 16 latents
     assert 0.5 < latents.std().item() < 2.0  # scaling_factor normalises the latents to about unit std
     assert decode(vae, latents).shape == images.shape
 
 
 def test_mae_checkpoint_loads_as_latent_mae_features(mae_dir):
     features = LatentMAEFeatures(mae_dir / CHECKPOINT_NAME, keys=mae_keys(("layer1", "layer4")), block_stride=0)
-    out = features(torch.randn(3, 4, 8, 8))
-    assert out["layer1"].shape == (3, 64, 8) and out["layer4_mean"].shape == (3, 1, 16)
+    out = features(torch.randn(3, 4, 16, 16))
+    assert out["layer1"].shape == (3, 256, 8) and out["layer4_mean"].shape == (3, 1, 16)
     raw = torch.load(mae_dir / CHECKPOINT_NAME, weights_only=True)
     assert any(key.startswith("decoder.") for key in raw)
     assert json.loads((mae_dir / "provenance.json").read_text())["steps"] == 2
@@ -118,7 +118,7 @@ def test_reward_model_folder_loads_as_pickscore(tmp_path, splits):
 def test_generator_folder_loads_and_samples_like_sd_turbo(tmp_path, splits, autoencoder_dir, mae_dir):
     metrics = train_generator(
         SPEC, splits[0][:6], autoencoder=autoencoder_dir, mae=mae_dir, out_dir=tmp_path, steps=2,
-        prompts_per_step=2, samples_per_prompt=3, positives_per_prompt=2, renders_per_row=2,
+        prompts_per_step=2, samples_per_prompt=3, positives_per_prompt=3, renders_per_row=3,
         unet_channels=(16, 32), text_hidden=16, mae_maps=("layer1", "layer2"), eval_rows=splits[1][:3],
         eval_seeds=(0,),
     )
@@ -129,7 +129,7 @@ def test_generator_folder_loads_and_samples_like_sd_turbo(tmp_path, splits, auto
     cond = generator.encode_prompts([splits[1][0]["prompt"]])
     noise = generator.make_noise(seeds=[0, 1])
     latents = generator.sample(cond, noise)
-    assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
+    assert latents.shape == (2, 4, 16, 16) and torch.isfinite(latents).all()
     assert not torch.allclose(latents[0], latents[1])
     assert generator.decode(latents).shape == (2, 3, 32, 32)
     assert json.loads((tmp_path / "provenance.json").read_text())["arguments"]["beta_end"] == 0.002

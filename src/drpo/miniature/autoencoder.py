@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
+from tqdm import tqdm
 
 from drpo.miniature.data import render_batch, sample_rows, to_uint8, write_provenance
 from drpo.tiny import tiny_vae_config
@@ -104,7 +105,7 @@ def train_autoencoder(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     vae.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="train autoencoder", mininterval=30):
         images = render_batch([rows[i] for i in sample_rows(rows, batch_size, rng)], rng, spec).to(device)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample

@@ -7,17 +7,21 @@ sqrt(1 - a_0) eps. Training goes through that very sampler (drpo.generators.SDTu
 
 Schedule (a config choice, not a code path): SD-2.x's scaled-linear betas end at 0.012, which gives
 sqrt(a_999) = 0.068, so the projection amplifies any error of the predicted eps by sqrt(1 - a_T) / sqrt(a_T)
-= 14.6: the UNet must reproduce its input noise to about 1 % before an image appears. A network of a few
-hundred thousand parameters trained for minutes does not get there, so the miniature's scheduler keeps SD's
-beta_start and scaled-linear shape but ends at `beta_end` = 0.002 (sqrt(a_999) = 0.50, amplification 1.7).
+= 14.6: the UNet must reproduce its input noise to about 1 % before a clean image appears, which is out of
+reach for a 2M-parameter UNet trained for minutes on a CPU (even at 1.7 the noise takes hundreds of steps to
+cancel). The miniature's scheduler therefore keeps SD's beta_start and scaled-linear shape but ends at
+`beta_end` = 0.002 (sqrt(a_999) = 0.50, amplification 1.7).
 
 Training (Drifting, spec sections 1 and 2.6): for each of `prompts_per_step` prompts, K samples from fresh noise
 (with grad) and P VAE latents of renders of that prompt (the data) are embedded by frozen encoders; per feature
 the field drift_loss(generated, positives, no negatives) attracts samples to the data and repels them from each
-other, and the generator regresses onto sg(phi(x) + V). Features: per-location tokens of the raw latent and of
-the latent-MAE stage maps, each location its own point cloud (a location is only compared with the same location
-of other samples, which keeps objects in place and backgrounds uniform), plus global mean/std tokens of every
-map and the whole latent as one token (joint structure).
+other, and the generator regresses onto sg(phi(x) + V). Features (see `_clouds`): the raw latent and the
+latent-MAE stage maps with each location its own point cloud (a location is only compared with the same location
+of other samples, which keeps objects in place and backgrounds uniform), bags of latent patches (local shape
+statistics wherever an object is), global mean/std tokens, and the whole latent as one token. A small one-to-one
+matching term (each sample regressed onto its greedily matched render, weight `match_weight`) gives a direct
+signal for cancelling the input noise early in training. UNet (no attention at full latent resolution, for CPU
+cost) and text encoder are trained jointly from scratch.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from drpo.world.detect import judge
 from drpo.world.prompts import TAGS
 from drpo.world.spec import WorldSpec
 
-DEFAULT_MAE_MAPS = ("layer1", "layer2", "layer3", "layer4")
+DEFAULT_MAE_MAPS = ("layer2", "layer3", "layer4")
 
 
 def _tokens_by_location(features: Tensor, groups: int) -> Tensor:
@@ -88,6 +92,21 @@ def _clouds(
     return clouds
 
 
+def greedy_match(cost: Tensor) -> Tensor:
+    """One-to-one assignment by repeatedly taking the cheapest free pair: cost (B, K, P), K <= P -> (B, K) indices."""
+    cost = cost.detach().clone()
+    b, k, _ = cost.shape
+    rows = torch.arange(b, device=cost.device)
+    match = torch.empty(b, k, dtype=torch.long, device=cost.device)
+    for _ in range(k):
+        flat = cost.flatten(1).argmin(dim=1)
+        i, j = flat // cost.shape[2], flat % cost.shape[2]
+        match[rows, i] = j
+        cost[rows, i, :] = float("inf")
+        cost[rows, :, j] = float("inf")
+    return match
+
+
 def mae_keys(maps: Sequence[str]) -> list[str]:
     """Per-location tokens plus global mean and std of every MAE map."""
     return [k for m in maps for k in (m, f"{m}_mean", f"{m}_std")]
@@ -119,19 +138,21 @@ def train_generator(
     autoencoder: str | Path,
     mae: str | Path,
     out_dir: str | Path,
-    steps: int = 600,
-    prompts_per_step: int = 8,
-    samples_per_prompt: int = 32,
-    positives_per_prompt: int = 32,
-    renders_per_row: int = 96,
+    steps: int = 1800,
+    prompts_per_step: int = 4,
+    samples_per_prompt: int = 16,
+    positives_per_prompt: int = 16,
+    renders_per_row: int = 48,
     lr: float = 1e-3,
-    unet_channels: Sequence[int] = (32, 64, 128),
+    unet_channels: Sequence[int] = (32, 64, 96),
     layers_per_block: int = 1,
     text_hidden: int = 64,
     beta_end: float = 0.002,
     mae_maps: Sequence[str] = DEFAULT_MAE_MAPS,
-    latent_patches: Sequence[int] = (2, 4),
-    bag_maps: Sequence[str] = ("layer1", "layer2"),
+    latent_patches: Sequence[int] = (4,),
+    bag_maps: Sequence[str] = (),
+    joint_weight: float = 4.0,
+    match_weight: float = 5.0,
     radii: Sequence[float] = (0.02, 0.05, 0.2),
     eval_rows: Sequence[dict[str, Any]] | None = None,
     eval_every: int = 0,
@@ -142,10 +163,18 @@ def train_generator(
     """Train UNet and text encoder jointly by Drifting on renders of `rows`; write the SD-Turbo folder to `out_dir`.
 
     autoencoder: folder of train_autoencoder (becomes vae/); mae: folder of train_mae (frozen feature encoder).
-    The data are a fixed pool of `renders_per_row` renders per row, VAE-encoded once. AdamW with cosine decay,
-    gradient clipping at 1. If `eval_rows` are given, GenEval-lite (detector judge on eval_rows x eval_seeds) is
-    measured every `eval_every` steps (0: only at the end) and logged in the metrics' "history".
+    The data are a fixed pool of `renders_per_row` renders per row, VAE-encoded once. Loss per step: the sum
+    over feature keys of the drift losses (the whole-latent key weighted `joint_weight`) plus `match_weight` x
+    the MSE of each sample to its matched render (needs samples_per_prompt <= positives_per_prompt).
+    AdamW with one-cycle cosine decay, gradient clipping at 1. If `eval_rows` are given, GenEval-lite (detector
+    judge on eval_rows x eval_seeds) is measured every `eval_every` steps (0: only at the end) and logged in
+    the metrics' "history".
     """
+    if match_weight > 0 and samples_per_prompt > positives_per_prompt:
+        raise ValueError(
+            f"match_weight > 0 matches every sample to its own render: samples_per_prompt ({samples_per_prompt}) "
+            f"must not exceed positives_per_prompt ({positives_per_prompt})"
+        )
     started = time.time()
     arguments = {k: v for k, v in locals().items() if k not in ("spec", "rows", "eval_rows", "started")}
     arguments |= {"spec": spec.to_dict(), "rows": len(rows), "eval_rows": len(eval_rows or [])}
@@ -159,16 +188,19 @@ def train_generator(
     tokenizer = build_clip_tokenizer(vocabulary(spec), model_max_length=max_prompt_tokens(spec))
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(tokenizer, hidden_size=text_hidden, num_layers=2)))
     latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = UNet2DConditionModel(
-        **tiny_unet_config(
-            sample_size=latent_size,
-            latent_channels=vae.config.latent_channels,
-            block_out_channels=unet_channels,
-            cross_attention_dim=text_hidden,
-            layers_per_block=layers_per_block,
-            attention_heads=4,
-        )
-    ).to(device)
+    config = tiny_unet_config(
+        sample_size=latent_size,
+        latent_channels=vae.config.latent_channels,
+        block_out_channels=unet_channels,
+        cross_attention_dim=text_hidden,
+        layers_per_block=layers_per_block,
+        attention_heads=4,
+    )
+    # No attention at full latent resolution (256 tokens): it would dominate the CPU cost; the text still
+    # enters at the lower resolutions and in the mid block.
+    config["down_block_types"][0] = "DownBlock2D"
+    config["up_block_types"][-1] = "UpBlock2D"
+    unet = UNet2DConditionModel(**config).to(device)
     text_encoder.to(device)
     scheduler = EulerDiscreteScheduler(**turbo_scheduler_config() | {"beta_end": beta_end})
     generator = SDTurboGenerator(
@@ -199,9 +231,14 @@ def train_generator(
             target = _clouds(positives, mae_features, g, latent_patches, bag_maps)
         clouds = _clouds(latents, mae_features, g, latent_patches, bag_maps)
         loss = sum(
-            drift_loss(x, target[key], x[:, :0], positive_weight=1.0, negative_weight=1.0, radii=radii)[0].mean()
+            (joint_weight if key == "latent_all" else 1.0)
+            * drift_loss(x, target[key], x[:, :0], positive_weight=1.0, negative_weight=1.0, radii=radii)[0].mean()
             for key, x in clouds.items()
         )
+        if match_weight > 0:
+            gen, pos = latents.reshape(g, k, -1), positives.reshape(g, p, -1)
+            matched = pos.gather(1, greedy_match(torch.cdist(gen, pos))[..., None].expand(-1, -1, gen.shape[-1]))
+            loss = loss + match_weight * (gen - matched).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

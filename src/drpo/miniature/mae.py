@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from drpo.features import LatentMAEEncoder, gn_groups, save_checkpoint
 from drpo.miniature.autoencoder import encode, load_autoencoder
@@ -65,7 +65,7 @@ def train_mae(
     *,
     autoencoder: str | Path,
     out_dir: str | Path,
-    steps: int = 1500,
+    steps: int = 400,
     batch_size: int = 128,
     lr: float = 2e-3,
     layers: Sequence[int] = (1, 1, 1, 1),
@@ -106,7 +106,7 @@ def train_mae(
         hidden = (err * mask).sum() / mask.sum().clamp_min(1)
         return hidden + 0.1 * (err * (1 - mask)).sum() / (1 - mask).sum().clamp_min(1), hidden
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="train mae", mininterval=30):
         batch = latents[torch.randint(len(latents), (batch_size,), generator=generator, device=device)]
         loss, _ = masked_loss(batch)
         optimizer.zero_grad(set_to_none=True)

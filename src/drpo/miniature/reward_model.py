@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from drpo.miniature.data import max_prompt_tokens, pair_batch, sample_rows, vocabulary, write_provenance
@@ -83,7 +84,7 @@ def train_reward_model(
     *,
     out_dir: str | Path,
     eval_rows: Sequence[dict[str, Any]] | None = None,
-    steps: int = 1500,
+    steps: int = 800,
     batch_size: int = 96,
     lr: float = 1e-3,
     hidden: int = 64,
@@ -99,7 +100,7 @@ def train_reward_model(
     """
     started = time.time()
     arguments = {"spec": spec.to_dict(), "rows": len(rows), "out_dir": str(out_dir), "steps": steps,
-                 "batch_size": batch_size, "lr": lr, "hidden": hidden, "seed": seed}
+                 "batch_size": batch_size, "lr": lr, "hidden": hidden, "seed": seed, "device": device}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, processor = build_reward_model(spec, hidden=hidden)
@@ -112,7 +113,7 @@ def train_reward_model(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     targets = torch.arange(batch_size, device=device)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="train reward", mininterval=30):
         index = sample_rows(rows, batch_size, rng)
         positives, negatives, _ = pair_batch([rows[i] for i in index], rng, spec)
         text = model.get_text_features(

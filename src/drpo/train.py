@@ -109,10 +109,8 @@ def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_
     MB, so a plain all-reduce replaces DDP), and every process calls the checkpoint save, which
     the main process writes. Returns the path of ``train_done.json``.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
-    world, rank, main = state.num_processes, state.process_index, state.is_main_process
+    world, rank = _process_group(method.generator.device)
+    main = rank == 0
     if settings.prompts_per_step % world:
         raise ValueError(f"train.prompts_per_step ({settings.prompts_per_step}) must be a multiple of the "
                          f"number of processes ({world})")
@@ -175,13 +173,32 @@ def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_
         if step in saves:
             if main:
                 _save_checkpoint(run_dir, step, method, optimizer, settings)
-            state.wait_for_everyone()  # every process reaches the save; none runs ahead of it
+            _barrier()  # every process reaches the save; none runs ahead of it
     done = run_dir / "train_done.json"
     if main:
         done.write_text(json.dumps({"steps": settings.steps, "method": method.name,
                                     "seed": settings.seed, "processes": world}) + "\n")
-    state.wait_for_everyone()
+    _barrier()
     return done
+
+
+def _process_group(device) -> tuple[int, int]:
+    """(world size, rank): joins the process group that `accelerate launch` / torchrun describe in the
+    environment (NCCL on GPUs, gloo on CPUs), or runs alone."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _all_reduce_sum(params: list[torch.nn.Parameter], logs: dict[str, float], device) -> None:

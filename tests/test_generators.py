@@ -16,15 +16,6 @@ PROMPTS = ["a red circle", "a blue square left of a green circle"]
 PIPELINES = {"sd-turbo": StableDiffusionPipeline, "sdxl-turbo": StableDiffusionXLPipeline}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; several threads thrash when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")

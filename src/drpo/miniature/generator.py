@@ -175,6 +175,9 @@ def train_generator(
             f"match_weight > 0 matches every sample to its own render: samples_per_prompt ({samples_per_prompt}) "
             f"must not exceed positives_per_prompt ({positives_per_prompt})"
         )
+    if positives_per_prompt > renders_per_row:
+        raise ValueError(f"positives_per_prompt ({positives_per_prompt}) exceeds renders_per_row ({renders_per_row}): "
+                         "positives are drawn without replacement from each row's render pool")
     started = time.time()
     arguments = {k: v for k, v in locals().items() if k not in ("spec", "rows", "eval_rows", "started")}
     arguments |= {"spec": spec.to_dict(), "rows": len(rows), "eval_rows": len(eval_rows or [])}

@@ -1,13 +1,20 @@
 # Building the miniature world's models (DESIGN.md section 3), in the real formats: a VAE, a latent MAE
 # (Drifting checkpoint layout), a CLIP reward model (Hugging Face folder) and the base one-step generator
 # (diffusers SD-Turbo folder). They are shipped under resources/miniature/ (these rules made them; see
-# each provenance.json), so a default run skips these rules; `--forcerun miniature_generator` (etc.)
-# rebuilds one, and configs/ci.yaml rebuilds all of them at tiny size.
+# each provenance.json). A rule exists only for a model that is missing, or for all of them with
+# miniature.rebuild: true -- a fresh clone has no Snakemake metadata and checkout order sets the files'
+# times, so Snakemake would otherwise rebuild the shipped models. configs/ci.yaml builds all four at tiny size.
+
+
+def build_rule_wanted(path):
+    return config["miniature"]["rebuild"] or not Path(path).exists()
 
 
 if config["world"]["enabled"]:
     MODELS = config["models"]
     AUTOENCODER = str(Path(MODELS["generator"]["path"]).parent / "autoencoder")
+
+if config["world"]["enabled"] and build_rule_wanted(AUTOENCODER + "/config.json"):
 
     rule miniature_autoencoder:
         output:
@@ -21,9 +28,12 @@ if config["world"]["enabled"]:
         script:
             "../scripts/miniature.py"
 
+
+if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoint"]):
+
     rule miniature_mae:
         input:
-            autoencoder=rules.miniature_autoencoder.output[0],
+            autoencoder=AUTOENCODER + "/config.json",
         output:
             MODELS["features"]["checkpoint"],
         log:
@@ -34,6 +44,9 @@ if config["world"]["enabled"]:
             "Training the miniature's latent MAE on VAE latents of renders"
         script:
             "../scripts/miniature.py"
+
+
+if config["world"]["enabled"] and build_rule_wanted(MODELS["reward"]["path"] + "/config.json"):
 
     rule miniature_reward:
         output:
@@ -47,10 +60,13 @@ if config["world"]["enabled"]:
         script:
             "../scripts/miniature.py"
 
+
+if config["world"]["enabled"] and build_rule_wanted(MODELS["generator"]["path"] + "/model_index.json"):
+
     rule miniature_generator:
         input:
-            autoencoder=rules.miniature_autoencoder.output[0],
-            mae=rules.miniature_mae.output[0],
+            autoencoder=AUTOENCODER + "/config.json",
+            mae=MODELS["features"]["checkpoint"],
         output:
             MODELS["generator"]["path"] + "/model_index.json",
         log:

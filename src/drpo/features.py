@@ -427,6 +427,16 @@ class LatentMAEFeatures(FeatureEncoder):
         self.encoder = LatentMAEEncoder.from_checkpoint(checkpoint_path, block_stride=block_stride)
         self._check_keys()
 
+    @classmethod
+    def from_encoder(cls, encoder: LatentMAEEncoder, keys: Sequence[str] = SD_TURBO_MAE_KEYS,
+                     chunk_size: int | None = None) -> "LatentMAEFeatures":
+        """Features of an in-memory encoder (e.g. random weights at the real size, for cost counting)."""
+        features = cls.__new__(cls)
+        FeatureEncoder.__init__(features, keys, chunk_size)
+        features.encoder = encoder
+        features._check_keys()
+        return features
+
     @property
     def map_names(self) -> tuple[str, ...]:
         return self.encoder.map_names

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
-from drpo.features import SD_TURBO_MAE_KEYS, FeatureEncoder, LatentMAEEncoder
+from drpo.features import SD_TURBO_MAE_KEYS, LatentMAEEncoder, LatentMAEFeatures
 from drpo.generators import OneStepGenerator, SDTurboGenerator, SDXLTurboGenerator
 from drpo.lora import add_lora
 from drpo.rewards import HPSv3Reward, PickScoreReward, Reward
@@ -328,23 +328,6 @@ def build_pickscore(
     return PickScoreModel(model, image_size=sizes["vision"]["image_size"], batch_size=batch_size)
 
 
-class MAEFeatures(FeatureEncoder):
-    """Latent-MAE features (spec 2.5a) of an in-memory drpo.features.LatentMAEEncoder."""
-
-    def __init__(self, encoder: LatentMAEEncoder, keys: Sequence[str] = SD_TURBO_MAE_KEYS,
-                 chunk_size: int | None = None) -> None:
-        super().__init__(keys, chunk_size)
-        self.encoder = encoder
-        self._check_keys()
-
-    @property
-    def map_names(self) -> tuple[str, ...]:
-        return self.encoder.map_names
-
-    def maps(self, x: Tensor) -> dict[str, Tensor]:
-        return self.encoder(x)
-
-
 def build_mae(
     *,
     device: torch.device | str = "meta",
@@ -352,11 +335,11 @@ def build_mae(
     widths: Sequence[int] = MAE_WIDTHS,
     keys: Sequence[str] = SD_TURBO_MAE_KEYS,
     chunk_size: int | None = None,
-) -> MAEFeatures:
+) -> LatentMAEFeatures:
     """The latent MAE used as DrPO's feature space; always fp32, as the paper runs its extractor."""
     with _building(device, torch.float32):
         encoder = _frozen(LatentMAEEncoder(layers=layers, widths=widths, in_channels=4))
-    return MAEFeatures(encoder, keys, chunk_size).eval().requires_grad_(False)
+    return LatentMAEFeatures.from_encoder(encoder, keys, chunk_size).eval().requires_grad_(False)
 
 
 def build_reward(name: str, **kwargs) -> Reward:

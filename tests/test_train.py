@@ -126,3 +126,9 @@ def test_online_reference_matches_the_bank(tiny_config):
         noise_b, ref_b = online.cell(*cell)
         torch.testing.assert_close(noise_a, noise_b)
         torch.testing.assert_close(ref_a, ref_b.float(), rtol=1e-4, atol=1e-4)  # batching changes float sums
+
+
+def test_a_method_can_have_its_own_learning_rate(tiny_config):
+    train_section = tiny_config["train"] | {"learning_rate": 1e-3, "learning_rates": {"draft": 1e-5}}
+    assert TrainSettings.from_config(train_section, seed=0, method="draft").learning_rate == 1e-5
+    assert TrainSettings.from_config(train_section, seed=0, method="drpo").learning_rate == 1e-3

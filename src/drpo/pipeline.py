@@ -107,7 +107,7 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
                              "rerun the reference_bank rule")
     else:
         source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=0)
-    settings = TrainSettings.from_config(config["train"], seed)
+    settings = TrainSettings.from_config(config["train"], seed, method_name)
     return train(method, source, settings, run_dir, metadata=rows, log=log)
 
 

@@ -53,15 +53,28 @@ def with_base_rows(steps: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(curves).sort_values(["method", "seed", "step"]).reset_index(drop=True)
 
 
+def reward_gradient(method: str) -> str:
+    """The main table's "reward grad." cell: does the method backpropagate through the reward?"""
+    from drpo.methods import METHODS
+
+    if method == "base":
+        return "-"
+    return "yes" if method in METHODS and METHODS[method].needs_reward_gradient else "no"
+
+
 def final_table(steps: pd.DataFrame) -> pd.DataFrame:
-    """Base row plus one row per method at its last step: mean and std over seeds, seed count."""
+    """Base row plus one row per method at its last step: mean and std over seeds, seed count, and whether
+    the method needs reward gradients (the paper's main-table layout)."""
     metrics = metric_columns(steps)
     base = steps[steps["method"] == "base"]
     trained = steps[steps["method"] != "base"]
     last = trained[trained["step"] == trained.groupby("method")["step"].transform("max")]
     rows = []
-    for method, group in [("base", base), *last.groupby("method")]:
-        row = {"method": method, "steps": int(group["step"].max()), "seeds": group["seed"].nunique()}
+    # Paper layout: the base, then the methods without reward gradients, then those with them.
+    methods = sorted(last.groupby("method"), key=lambda item: (reward_gradient(item[0]), item[0]))
+    for method, group in [("base", base), *methods]:
+        row = {"method": method, "steps": int(group["step"].max()), "uses_reward_grad": reward_gradient(method),
+               "seeds": group["seed"].nunique()}
         for metric in metrics:
             row[metric] = group[metric].mean()
             row[f"{metric}_std"] = group[metric].std(ddof=0) if len(group) > 1 else 0.0
@@ -84,10 +97,10 @@ def write_tables(steps: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
 def markdown_table(table: pd.DataFrame) -> str:
     """The summary as a Markdown table with mean ± std cells."""
     metrics = metric_columns(table)
-    header = ["method", "steps", "seeds", *[metric_label(m) for m in metrics]]
+    header = ["method", "steps", "reward grad.", "seeds", *[metric_label(m) for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [row["method"], str(row["steps"]), str(row["seeds"])]
+        cells = [row["method"], str(row["steps"]), row["uses_reward_grad"], str(row["seeds"])]
         cells += [f"{row[m]:.2f} ± {row[m + '_std']:.2f}" if m != "diversity"
                   else f"{row[m]:.4f} ± {row[m + '_std']:.4f}" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")

@@ -53,10 +53,13 @@ class TrainSettings:
                                                  "targets": ["to_q", "to_k", "to_v", "to_out.0"]})
 
     @classmethod
-    def from_config(cls, train: dict, seed: int) -> "TrainSettings":
-        keys = ("steps", "prompts_per_step", "candidates", "checkpoint_every", "learning_rate",
+    def from_config(cls, train: dict, seed: int, method: str | None = None) -> "TrainSettings":
+        """Settings of one run; ``train.learning_rates[method]``, when set, overrides ``train.learning_rate``."""
+        keys = ("steps", "prompts_per_step", "candidates", "checkpoint_every",
                 "weight_decay", "adam_eps", "max_grad_norm", "mixed_precision", "lora")
-        return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), **{k: train[k] for k in keys})
+        learning_rate = train.get("learning_rates", {}).get(method, train["learning_rate"])
+        return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), learning_rate=learning_rate,
+                   **{k: train[k] for k in keys})
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -26,6 +26,15 @@ def test_prompts():
     return config["prompts"]["test"]
 
 
+def heldout_reward_path():
+    """The folder of the miniature's held-out CLIP scorer (rule miniature_heldout_reward), or None: the path of
+    evaluate.rewards.heldout when the world is enabled and that reward is a pickscore folder."""
+    spec = config["evaluate"]["rewards"].get("heldout")
+    if not config["world"]["enabled"] or not spec or spec.get("name") != "pickscore" or not spec.get("path"):
+        return None
+    return spec["path"]
+
+
 def model_inputs(wildcards=None):
     """What the model-using rules depend on: the miniature's model files (built by rules when absent),
     or, with your own weights, the asset check that lists every missing file before any GPU job."""

@@ -3,6 +3,8 @@
 
 def evaluate_inputs(wildcards):
     inputs = dict(model_inputs(), prompts=test_prompts())
+    if heldout_reward_path():  # only evaluation reads the held-out scorer
+        inputs["heldout_reward"] = heldout_reward_path() + "/config.json"
     if wildcards.method != "base":
         inputs["done"] = RUN.format(method=wildcards.method, seed=wildcards.seed) + "/train_done.json"
     return inputs

@@ -1,9 +1,10 @@
 # Building the miniature world's models (DESIGN.md section 3), in the real formats: a VAE, a latent MAE
-# (Drifting checkpoint layout), a CLIP reward model (Hugging Face folder) and the base one-step generator
-# (diffusers SD-Turbo folder). They are shipped under resources/miniature/ (these rules made them; see
-# each provenance.json). A rule exists only for a model that is missing, or for all of them with
+# (Drifting checkpoint layout), a CLIP reward model (Hugging Face folder), the base one-step generator
+# (diffusers SD-Turbo folder) and a second, independently trained CLIP scorer that evaluation scores as a
+# held-out reward. They are shipped under resources/miniature/ (these rules made them; see each
+# provenance.json). A rule exists only for a model that is missing, or for all of them with
 # miniature.rebuild: true -- a fresh clone has no Snakemake metadata and checkout order sets the files'
-# times, so Snakemake would otherwise rebuild the shipped models. configs/ci.yaml builds all four at tiny size.
+# times, so Snakemake would otherwise rebuild the shipped models. configs/ci.yaml builds all five at tiny size.
 
 
 def build_rule_wanted(path):
@@ -57,6 +58,27 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["reward"]["path"] + "
             settings=config["miniature"],
         message:
             "Training the miniature's CLIP reward model on (render, prompt) pairs"
+        script:
+            "../scripts/miniature.py"
+
+
+# The held-out scorer is built where evaluation reads it, evaluate.rewards.heldout.path (heldout_reward_path
+# in common.smk), not at a folder derived from the generator's as AUTOENCODER is: the rule's output is then
+# the very file the evaluate rule depends on (model_inputs) wherever a config puts it, and there is no rule
+# when no held-out scorer is configured (paper presets: heldout: null).
+HELDOUT_REWARD = heldout_reward_path()
+
+if HELDOUT_REWARD and build_rule_wanted(HELDOUT_REWARD + "/config.json"):
+
+    rule miniature_heldout_reward:
+        output:
+            HELDOUT_REWARD + "/config.json",
+        log:
+            f"{R}/logs/miniature_heldout_reward.log",
+        params:
+            settings=config["miniature"],
+        message:
+            "Training the miniature's held-out CLIP scorer (own seed and architecture) on (render, prompt) pairs"
         script:
             "../scripts/miniature.py"
 

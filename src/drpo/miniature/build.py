@@ -9,7 +9,9 @@ from drpo.config import resolve_device
 from drpo.world.prompts import all_prompts, make_splits
 from drpo.world.spec import WorldSpec
 
-PARTS = ("autoencoder", "mae", "reward", "generator")
+# "heldout_reward" is a second CLIP scorer trained like "reward" but with its own seed and architecture: the
+# evaluation's held-out reward (evaluate.rewards.heldout), against which hacking of the target reward shows.
+PARTS = ("autoencoder", "mae", "reward", "heldout_reward", "generator")
 
 
 def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[str, Path]) -> dict[str, Any]:
@@ -38,5 +40,7 @@ def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[st
         return train_mae(spec, rows, autoencoder=inputs["autoencoder"], **common, **kwargs)
     if part == "reward":
         return train_reward_model(spec, rows, eval_rows=test_rows, **common, **kwargs)
+    if part == "heldout_reward":  # its settings may override the common ones (its own seed, above all)
+        return train_reward_model(spec, rows, eval_rows=test_rows, **(common | kwargs))
     return train_generator(spec, rows, autoencoder=inputs["autoencoder"], mae=inputs["mae"],
                            eval_rows=test_rows, **common, **kwargs)

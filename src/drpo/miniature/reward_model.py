@@ -88,6 +88,9 @@ def train_reward_model(
     batch_size: int = 96,
     lr: float = 1e-3,
     hidden: int = 64,
+    vision_layers: int = 3,
+    patch_size: int = 4,
+    text_layers: int = 2,
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, float]:
@@ -97,13 +100,17 @@ def train_reward_model(
     cross-entropy over all 2B images (B renders, B near misses) plus image -> text cross-entropy of the
     renders over the B prompts, with CLIP's learnable temperature. The saved folder is reloaded through
     PickScoreReward to measure the pairwise accuracy (render above near miss) on `eval_rows` (default `rows`).
+    `hidden`, `vision_layers`, `patch_size` and `text_layers` set the architecture (build_reward_model), so a
+    second, independently trained scorer (the miniature's held-out reward) can differ from the target one.
     """
     started = time.time()
     arguments = {"spec": spec.to_dict(), "rows": len(rows), "out_dir": str(out_dir), "steps": steps,
-                 "batch_size": batch_size, "lr": lr, "hidden": hidden, "seed": seed, "device": device}
+                 "batch_size": batch_size, "lr": lr, "hidden": hidden, "vision_layers": vision_layers,
+                 "patch_size": patch_size, "text_layers": text_layers, "seed": seed, "device": device}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model, processor = build_reward_model(spec, hidden=hidden)
+    model, processor = build_reward_model(spec, hidden=hidden, text_layers=text_layers,
+                                          vision_layers=vision_layers, patch_size=patch_size)
     tokenizer: CLIPTokenizer = processor.tokenizer
     prompts = [row["prompt"] for row in rows]
     tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")

@@ -44,7 +44,7 @@ def test_final_table_reports_the_last_step_mean_and_std_over_seeds(summaries):
 def test_markdown_table_has_the_main_table_columns(summaries):
     text = markdown_table(final_table(collect(summaries)))
     header = text.splitlines()[0]
-    for column in ("method", "steps", "reward grad.", "seeds", "target reward ×100", "held-out heldout",
+    for column in ("method", "steps", "reward grad.", "seeds", "target reward ×100", "held-out reward: heldout",
                    "GenEval-lite overall (%)", "diversity"):
         assert column in header
     assert "| drpo | 10 | no | 2 | 53.00 ± 1.00 |" in text

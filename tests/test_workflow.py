@@ -41,6 +41,28 @@ def test_default_config_resolves(tmp_path):
     assert "train" in result.stdout and "reference_bank" in result.stdout
 
 
+def _job_counts(stdout: str) -> dict[str, int]:
+    return {line.split()[0]: int(line.split()[1]) for line in stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+
+
+def test_the_comparison_trains_every_method_on_matched_budgets(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", REPO / "configs" / "compare.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compare = yaml.safe_load((REPO / "configs" / "compare.yaml").read_text())["train"]
+    methods, seeds = compare["methods"], compare["seeds"]
+    assert set(methods) == {"drpo", "draft", "vggflow", "dpo", "grpo", "pso"} and len(seeds) >= 3
+    jobs = _job_counts(result.stdout)
+    checkpoints = compare["steps"] // compare["checkpoint_every"]
+    assert jobs["train"] == len(methods) * len(seeds)
+    assert jobs["evaluate"] == 1 + len(methods) * len(seeds) * checkpoints
+    assert jobs["grid"] == len(methods) and "cost_measured" not in jobs
+    # One shared reference bank: every method sees the same training prompts and noises.
+    assert jobs["reference_bank"] == 1
+
+
 def test_a_mistyped_key_stops_the_run_and_is_named(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"train": {"learning_rte": 1e-4}}))

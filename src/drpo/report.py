@@ -26,7 +26,7 @@ def metric_label(metric: str) -> str:
     """Axis/column label of a summary metric (held-out rewards are reward_<label>)."""
     if metric in METRIC_LABELS:
         return METRIC_LABELS[metric]
-    return f"held-out {metric.removeprefix('reward_')} (report scale)"
+    return f"held-out reward: {metric.removeprefix('reward_')}"
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:

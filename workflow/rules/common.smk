@@ -62,11 +62,10 @@ def final_outputs():
     return world + [
         f"{R}/tables/summary.csv",
         f"{R}/figures/reward_vs_step.png",
-        f"{R}/figures/grid_base_vs_{config['train']['methods'][0]}_seed{config['train']['seeds'][0]}.png",
+        *[f"{R}/figures/grid_base_vs_{method}_seed{config['train']['seeds'][0]}.png"
+          for method in config["train"]["methods"]],
         f"{R}/provenance/config.resolved.yaml",
-        f"{R}/cost/cost_table.csv",
-        f"{R}/cost/cost_components.png",
-    ]
+    ] + ([f"{R}/cost/cost_table.csv", f"{R}/cost/cost_components.png"] if config["cost"]["enabled"] else [])
 
 
 def method_settings(wildcards):

@@ -54,7 +54,7 @@ class DrPO(Method):
         k = batch.noise.shape[0]
         if s.num_pos + s.num_neg > k:
             raise ValueError(f"num_pos ({s.num_pos}) + num_neg ({s.num_neg}) exceeds K ({k})")
-        cond = gen.encode_prompts([batch.prompt] * k)
+        cond = gen.encode_prompts([batch.prompt]).repeat_interleave(k)  # encode once, one copy per candidate
         latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
 
         with torch.no_grad():

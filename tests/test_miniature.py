@@ -18,6 +18,7 @@ from drpo.miniature.data import (
     to_uint8,
     vocabulary,
 )
+from drpo.miniature.distill import distill_generator, solve_flow
 from drpo.miniature.generator import mae_keys, train_generator
 from drpo.miniature.mae import CHECKPOINT_NAME, patch_mask, train_mae
 from drpo.miniature.reward_model import train_reward_model
@@ -133,3 +134,36 @@ def test_generator_folder_loads_and_samples_like_sd_turbo(tmp_path, splits, auto
     assert not torch.allclose(latents[0], latents[1])
     assert generator.decode(latents).shape == (2, 3, 32, 32)
     assert json.loads((tmp_path / "provenance.json").read_text())["arguments"]["beta_end"] == 0.002
+
+
+class _PointField(torch.nn.Module):
+    """The exact flow-matching velocity of a single data point c, (x - c) / t, read from the "text" embedding."""
+
+    def forward(self, x, timestep, encoder_hidden_states):
+        c = encoder_hidden_states[:, 0].view_as(x)
+        return type("Out", (), {"sample": (x - c) / (timestep / 999).view(-1, 1, 1, 1)})()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_solve_flow_lands_on_the_guided_point(steps):
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(2, 1, 36, generator=torch.Generator().manual_seed(1))
+    c0 = torch.randn(1, 1, 36, generator=torch.Generator().manual_seed(2))
+    for guidance in (1.0, 2.5):
+        x0 = solve_flow(_PointField(), noise, c, c0, steps=steps, guidance=guidance)
+        expected = (c0 + guidance * (c - c0)).view_as(noise)  # guided field of two points: c0 + w (c - c0)
+        torch.testing.assert_close(x0, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_distilled_generator_folder_loads_and_samples_like_sd_turbo(tmp_path, splits, autoencoder_dir):
+    metrics = distill_generator(
+        SPEC, splits[0][:6], autoencoder=autoencoder_dir, out_dir=tmp_path, teacher_steps=2, student_steps=2,
+        batch_size=4, renders_per_row=3, pairs_per_row=2, ode_steps=2, unet_channels=(16, 32), text_hidden=16,
+        eval_rows=splits[1][:3], eval_seeds=(0,),
+    )
+    assert 0 <= metrics["teacher_geneval_lite"]["overall"] <= 1 and 0 <= metrics["geneval_lite"]["overall"] <= 1
+    generator = load_generator(tmp_path, "sd-turbo")
+    latents = generator.sample(generator.encode_prompts([splits[1][0]["prompt"]]), generator.make_noise(seeds=[0, 1]))
+    assert latents.shape == (2, 4, 16, 16) and torch.isfinite(latents).all()
+    record = json.loads((tmp_path / "provenance.json").read_text())
+    assert record["function"] == "drpo.miniature.distill.distill_generator" and record["steps"] == 4

@@ -218,6 +218,7 @@ class SDTurboGenerator(OneStepGenerator):
         super().__init__(unet, vae, resolution=resolution, device=device, dtype=dtype)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.scheduler = scheduler
         self.timestep = scheduler.config.num_train_timesteps - 1
         alphas = scheduler.alphas_cumprod.double()
         # (sqrt(a_T), sqrt(1 - a_T), sqrt(a_0), sqrt(1 - a_0)) = (0.0683, 0.9977, 0.9996, 0.0292) for SD-2.x.

@@ -47,11 +47,13 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoi
             "../scripts/miniature.py"
 
 
-if config["world"]["enabled"] and build_rule_wanted(MODELS["reward"]["path"] + "/config.json"):
+# A target reward without a model folder (e.g. an ensemble, or geneval_lite) needs no miniature reward model.
+REWARD_PATH = config["models"]["reward"].get("path") if config["world"]["enabled"] else None
+if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
 
     rule miniature_reward:
         output:
-            MODELS["reward"]["path"] + "/config.json",
+            REWARD_PATH + "/config.json",
         log:
             f"{R}/logs/miniature_reward.log",
         params:
@@ -96,6 +98,6 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["generator"]["path"] 
         params:
             settings=config["miniature"],
         message:
-            "Training the miniature's base one-step generator by drifting"
+            f"Training the miniature's base one-step generator ({config['miniature']['generator'].get('recipe', 'distillation')})"
         script:
             "../scripts/miniature.py"

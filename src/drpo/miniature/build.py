@@ -12,6 +12,9 @@ from drpo.world.spec import WorldSpec
 # "heldout_reward" is a second CLIP scorer trained like "reward" but with its own seed and architecture: the
 # evaluation's held-out reward (evaluate.rewards.heldout), against which hacking of the target reward shows.
 PARTS = ("autoencoder", "mae", "reward", "heldout_reward", "generator")
+# The base generator's recipes: "distillation" (a flow-matching teacher, then a one-step student; drpo.miniature.distill)
+# or "drifting" (one-step Drifting from scratch; drpo.miniature.generator), chosen by miniature.generator.recipe.
+GENERATOR_RECIPES = ("distillation", "drifting")
 
 
 def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[str, Path]) -> dict[str, Any]:
@@ -21,6 +24,7 @@ def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[st
     concepts of GenEval's prompts); the test split only serves the metrics in provenance.json.
     """
     from drpo.miniature.autoencoder import train_autoencoder
+    from drpo.miniature.distill import distill_generator
     from drpo.miniature.generator import train_generator
     from drpo.miniature.mae import train_mae
     from drpo.miniature.reward_model import train_reward_model
@@ -42,5 +46,10 @@ def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[st
         return train_reward_model(spec, rows, eval_rows=test_rows, **common, **kwargs)
     if part == "heldout_reward":  # its settings may override the common ones (its own seed, above all)
         return train_reward_model(spec, rows, eval_rows=test_rows, **(common | kwargs))
-    return train_generator(spec, rows, autoencoder=inputs["autoencoder"], mae=inputs["mae"],
-                           eval_rows=test_rows, **common, **kwargs)
+    recipe = kwargs.pop("recipe", GENERATOR_RECIPES[0])
+    if recipe == "distillation":
+        return distill_generator(spec, rows, autoencoder=inputs["autoencoder"], eval_rows=test_rows, **common, **kwargs)
+    if recipe == "drifting":
+        return train_generator(spec, rows, autoencoder=inputs["autoencoder"], mae=inputs["mae"],
+                               eval_rows=test_rows, **common, **kwargs)
+    raise ValueError(f"miniature.generator.recipe must be one of {', '.join(GENERATOR_RECIPES)}, got {recipe!r}")

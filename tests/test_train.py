@@ -11,7 +11,7 @@ from drpo.methods.base import PromptBatch
 from drpo.pipeline import load_models
 from drpo.reference import OnlineReference, ReferenceBank, build_reference_bank
 from drpo.config import checkpoint_steps
-from drpo.train import TrainSettings, latest_checkpoint, train
+from drpo.train import PromptSchedule, TrainSettings, latest_checkpoint, train
 
 from conftest import PROMPTS
 
@@ -132,3 +132,24 @@ def test_a_method_can_have_its_own_learning_rate(tiny_config):
     train_section = tiny_config["train"] | {"learning_rate": 1e-3, "learning_rates": {"draft": 1e-5}}
     assert TrainSettings.from_config(train_section, seed=0, method="draft").learning_rate == 1e-5
     assert TrainSettings.from_config(train_section, seed=0, method="drpo").learning_rate == 1e-3
+
+
+def test_prompt_schedule_cycles_every_prompt_once_per_epoch_without_tags():
+    schedule = PromptSchedule(5, noise_sets=2, seed=3)
+    first, second = [schedule(m) for m in range(5)], [schedule(m) for m in range(5, 10)]
+    assert sorted(p for p, _ in first) == list(range(5)) and {n for _, n in first} == {0}
+    assert [p for p, _ in second] == [p for p, _ in first] and {n for _, n in second} == {1}
+
+
+def test_prompt_schedule_gives_every_tag_an_equal_share():
+    tags = ["big"] * 8 + ["small"] * 2 + ["mid"] * 3
+    schedule = PromptSchedule(len(tags), noise_sets=2, seed=0, tags=tags)
+    picks = [schedule(m) for m in range(60)]
+    shares = {tag: sum(tags[p] == tag for p, _ in picks) for tag in set(tags)}
+    assert shares == {"big": 20, "small": 20, "mid": 20}
+    small = [(p, n) for p, n in picks if tags[p] == "small"]
+    # each small prompt comes once per epoch of its tag, and its noise set follows that epoch
+    assert sorted(p for p, _ in small[:2]) == [8, 9] and [n for _, n in small[:4]] == [0, 0, 1, 1]
+    assert picks == [PromptSchedule(len(tags), 2, 0, tags=tags)(m) for m in range(60)]  # a pure function
+    with pytest.raises(ValueError, match="2 tags for 3 prompts"):
+        PromptSchedule(3, 1, 0, tags=["a", "b"])

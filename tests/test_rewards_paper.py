@@ -293,6 +293,8 @@ def test_geneval_lite_judges_rendered_images():
         reward.score(images[:2], [rows[0]["prompt"], "a photo"], [rows[0], rows[0]])
     with pytest.raises(ValueError, match="'geneval_lite' is not differentiable"):
         reward.score(images, prompts, [rows[0], rows[0], rows[1]], with_grad=True)
+    # path: null (config.yaml's reward path switched off by an overlay) builds the model-free reward
+    assert isinstance(build_reward_from_config({"name": "geneval_lite", "path": None}), GenEvalLiteReward)
 
 
 # ---------------------------------------------------------------------------------------------- configs

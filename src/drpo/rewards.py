@@ -707,7 +707,8 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 def _build_member(spec: dict[str, Any], where: str) -> Reward:
     if not isinstance(spec.get("name"), str):
         raise ValueError(f"{where}: needs a 'name' (one of {sorted(REWARDS)}), got {spec}")
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    # path: null (a config merged over one that names a model folder) means the reward has no model folder.
+    kwargs = {k: v for k, v in spec.items() if k != "name" and not (k == "path" and v is None)}
     if "path" in kwargs:
         if "model_path" in kwargs:
             raise ValueError(f"{where}: give 'path' or 'model_path', not both")

@@ -41,8 +41,9 @@ def model_inputs(wildcards=None):
     if not config["world"]["enabled"]:
         return {"assets": f"{R}/provenance/assets.json"}
     models = config["models"]
-    files = {"generator": models["generator"]["path"] + "/model_index.json",
-             "reward": models["reward"]["path"] + "/config.json"}
+    files = {"generator": models["generator"]["path"] + "/model_index.json"}
+    if models["reward"].get("path"):  # none for an ensemble or a model-free reward such as geneval_lite
+        files["reward"] = models["reward"]["path"] + "/config.json"
     if models["features"].get("checkpoint"):
         files["features"] = models["features"]["checkpoint"]
     return files

@@ -21,7 +21,7 @@ from drpo.miniature.data import (
 from drpo.miniature.distill import distill_generator, solve_flow
 from drpo.miniature.generator import mae_keys, train_generator
 from drpo.miniature.mae import CHECKPOINT_NAME, patch_mask, train_mae
-from drpo.miniature.reward_model import train_reward_model
+from drpo.miniature.reward_model import gaussian_blur, train_reward_model
 from drpo.rewards import PickScoreReward
 from drpo.tiny import build_clip_tokenizer
 from drpo.world.prompts import all_prompts, make_splits
@@ -167,3 +167,20 @@ def test_distilled_generator_folder_loads_and_samples_like_sd_turbo(tmp_path, sp
     assert latents.shape == (2, 4, 16, 16) and torch.isfinite(latents).all()
     record = json.loads((tmp_path / "provenance.json").read_text())
     assert record["function"] == "drpo.miniature.distill.distill_generator" and record["steps"] == 4
+
+
+def test_gaussian_blur_keeps_mass_and_leaves_sigma_zero_unchanged():
+    images = torch.zeros(2, 3, 11, 11)
+    images[:, :, 5, 5] = 1.0
+    blurred = gaussian_blur(images, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(blurred[0], images[0])
+    torch.testing.assert_close(blurred[1].sum(dim=(1, 2)), torch.ones(3))
+    assert blurred[1, 0, 5, 5] == pytest.approx(1 / (2 * np.pi), rel=0.05)  # the 2-D Gaussian's peak at sigma 1
+    assert torch.equal(blurred[1, 0], blurred[1, 0].T)  # separable and isotropic
+
+
+def test_reward_model_trains_on_blurred_pairs(tmp_path, splits):
+    metrics = train_reward_model(SPEC, splits[0], out_dir=tmp_path, eval_rows=splits[1][:4], steps=2,
+                                 batch_size=8, hidden=16, blur=1.0)
+    assert 0 <= metrics["pairwise_accuracy"] <= 1
+    assert json.loads((tmp_path / "provenance.json").read_text())["arguments"]["blur"] == 1.0

@@ -78,6 +78,20 @@ def pairwise_accuracy(
     return result
 
 
+def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each image (N, C, H, W) with its own Gaussian of standard deviation sigma (N,) pixels (0: unchanged)."""
+    radius = max(1, int(torch.ceil(3 * sigma.max()).item()))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-6)[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (N, 2r + 1); sigma -> 0 gives a delta
+    n, c, h, w = images.shape
+    x = F.pad(images.reshape(1, n * c, h, w), (radius,) * 4, mode="replicate")
+    weight = kernel.repeat_interleave(c, dim=0)
+    x = F.conv2d(x, weight.view(n * c, 1, 1, -1), groups=n * c)
+    x = F.conv2d(x, weight.view(n * c, 1, -1, 1), groups=n * c)
+    return x.view(n, c, h, w)
+
+
 def train_reward_model(
     spec: WorldSpec,
     rows: Sequence[dict[str, Any]],
@@ -91,6 +105,7 @@ def train_reward_model(
     vision_layers: int = 3,
     patch_size: int = 4,
     text_layers: int = 2,
+    blur: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, float]:
@@ -102,11 +117,13 @@ def train_reward_model(
     PickScoreReward to measure the pairwise accuracy (render above near miss) on `eval_rows` (default `rows`).
     `hidden`, `vision_layers`, `patch_size` and `text_layers` set the architecture (build_reward_model), so a
     second, independently trained scorer (the miniature's held-out reward) can differ from the target one.
+    `blur` > 0 blurs each render and its near miss alike with a Gaussian of standard deviation drawn from
+    U(0, blur) pixels, so that the score judges shapes as soft as a generator draws them, not only crisp renders.
     """
     started = time.time()
     arguments = {"spec": spec.to_dict(), "rows": len(rows), "out_dir": str(out_dir), "steps": steps,
                  "batch_size": batch_size, "lr": lr, "hidden": hidden, "vision_layers": vision_layers,
-                 "patch_size": patch_size, "text_layers": text_layers, "seed": seed, "device": device}
+                 "patch_size": patch_size, "text_layers": text_layers, "blur": blur, "seed": seed, "device": device}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, processor = build_reward_model(spec, hidden=hidden, text_layers=text_layers,
@@ -123,6 +140,9 @@ def train_reward_model(
     for _ in tqdm(range(steps), desc="train reward", mininterval=30):
         index = sample_rows(rows, batch_size, rng)
         positives, negatives, _ = pair_batch([rows[i] for i in index], rng, spec)
+        if blur > 0:
+            sigma = torch.from_numpy(rng.uniform(0.0, blur, len(index))).float()
+            positives, negatives = gaussian_blur(positives, sigma), gaussian_blur(negatives, sigma)
         text = model.get_text_features(
             input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index]
         ).pooler_output

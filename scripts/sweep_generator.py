@@ -23,7 +23,7 @@ AUTOENCODER = ROOT / "resources/miniature/autoencoder"
 MAE = ROOT / "resources/miniature/mae"
 
 # name -> (trainer, settings); steps are filled in from the calibration. Settings are explicit (not the trainers'
-# defaults, which became distill_g3's after this sweep). Measured 2026-11-26 on one H100, all five at once with
+# defaults, which became distill_g3's after this sweep). Measured 2026-11-26 on one H100, four at once with
 # BUDGET_SECONDS 420 (distill_g3_lr3 in a second, shorter run), GenEval-lite overall of the student on 120 test
 # prompts x 4 seeds: distill_g3 39 %, distill_g2 29 %, distill_lpb2 25 %, distill_g3_lr3 28 %, drift 4 %.
 _DISTILL = {"batch_size": 256, "pairs_per_row": 64, "ode_steps": 12, "teacher_lr": 1e-3, "student_lr": 3e-4}

@@ -37,9 +37,13 @@ from tqdm import tqdm
 
 from drpo.generators import PromptEmbedding
 from drpo.miniature.data import sample_rows, write_provenance
-from drpo.miniature.generator import build_untrained_generator, geneval_lite, save_generator, training_data
-from drpo.world.detect import judge
-from drpo.world.prompts import TAGS
+from drpo.miniature.generator import (
+    build_untrained_generator,
+    geneval_lite,
+    judge_latents,
+    save_generator,
+    training_data,
+)
 from drpo.world.spec import WorldSpec
 
 
@@ -79,17 +83,6 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / steps))
     )
-
-
-def _judge_latents(generator, latents: Tensor, rows: Sequence[dict[str, Any]], spec: WorldSpec) -> dict[str, float]:
-    """GenEval-lite (as geneval_lite) of given latents, one per row."""
-    images = generator.to_uint8(generator.decode(latents)).numpy()
-    correct: dict[str, list[bool]] = {}
-    for image, row in zip(images, rows):
-        correct.setdefault(row["tag"], []).append(judge(image, row, spec)[0])
-    result = {tag: float(np.mean(correct[tag])) for tag in TAGS if tag in correct}
-    result["overall"] = float(np.mean(list(result.values())))
-    return result
 
 
 def distill_generator(
@@ -181,7 +174,7 @@ def distill_generator(
                                      generator=torch.Generator().manual_seed(seed)).to(device)
             teacher_latents = solve_flow(unet, eval_noise, text_encoder(eval_ids)[0], empty, steps=ode_steps,
                                          guidance=guidance)
-            metrics["teacher_geneval_lite"] = _judge_latents(generator, teacher_latents, eval_rows, spec)
+            metrics["teacher_geneval_lite"] = judge_latents(generator, teacher_latents, eval_rows, spec)
             tqdm.write(f"teacher: {metrics['teacher_geneval_lite']}")
 
     # The student is the teacher's copy used as SD-Turbo at t = 999 (the teacher itself is not shipped).

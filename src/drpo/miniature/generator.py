@@ -174,22 +174,29 @@ def mae_keys(maps: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def geneval_lite(
-    generator: SDTurboGenerator, rows: Sequence[dict[str, Any]], spec: WorldSpec, seeds: Sequence[int] = (0, 1, 2, 3)
+def judge_latents(
+    generator: SDTurboGenerator, latents: Tensor, rows: Sequence[dict[str, Any]], spec: WorldSpec
 ) -> dict[str, float]:
-    """Accuracy of the detector's judge per tag and overall (mean of the tags present) on rows x seeds.
-
-    Noise per image as in drpo.evaluate (seed * 1e6 + prompt index).
-    """
-    latents = sample_latents(generator, [row["prompt"] for row in rows], list(seeds), batch_size=256)
+    """Accuracy of the detector's judge per tag and overall (mean of the tags present); one row per latent."""
     images = generator.to_uint8(generator.decode(latents)).numpy()
     correct: dict[str, list[bool]] = {}
-    for i, image in enumerate(images):
-        row = rows[i // len(seeds)]
+    for image, row in zip(images, rows, strict=True):
         correct.setdefault(row["tag"], []).append(judge(image, row, spec)[0])
     result = {tag: float(np.mean(correct[tag])) for tag in TAGS if tag in correct}
     result["overall"] = float(np.mean(list(result.values())))
     return result
+
+
+@torch.no_grad()
+def geneval_lite(
+    generator: SDTurboGenerator, rows: Sequence[dict[str, Any]], spec: WorldSpec, seeds: Sequence[int] = (0, 1, 2, 3)
+) -> dict[str, float]:
+    """GenEval-lite (`judge_latents`) of the generator on rows x seeds.
+
+    Noise per image as in drpo.evaluate (seed * 1e6 + prompt index).
+    """
+    latents = sample_latents(generator, [row["prompt"] for row in rows], list(seeds), batch_size=256)
+    return judge_latents(generator, latents, [row for row in rows for _ in seeds], spec)
 
 
 def train_generator(

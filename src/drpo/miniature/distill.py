@@ -22,7 +22,6 @@ recipe 4 %), 120 test prompts x 4 seeds.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Sequence
@@ -85,6 +84,24 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.
     )
 
 
+def _fit(params: list[Tensor], loss_of_step, *, lr: float, steps: int, desc: str) -> tuple[float, float]:
+    """`steps` AdamW updates on loss_of_step() (warm-up and cosine decay, gradients clipped at 1).
+
+    Returns the last loss and the seconds taken.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = _warmup_cosine(optimizer, steps)
+    clock = time.time()
+    for _ in tqdm(range(steps), desc=desc, mininterval=30):
+        loss = loss_of_step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+    return loss.item(), round(time.time() - clock, 1)
+
+
 def distill_generator(
     spec: WorldSpec,
     rows: Sequence[dict[str, Any]],
@@ -133,26 +150,19 @@ def distill_generator(
     params = [*unet.parameters(), *text_encoder.parameters()]
     metrics: dict[str, Any] = {"parameters_unet": sum(p.numel() for p in unet.parameters())}
 
-    optimizer = torch.optim.AdamW(params, lr=teacher_lr, weight_decay=1e-2)
-    schedule = _warmup_cosine(optimizer, teacher_steps)
-    unet.train()
-    text_encoder.train()
-    clock = time.time()
-    for _ in tqdm(range(teacher_steps), desc="train teacher", mininterval=30):
+    def teacher_loss() -> Tensor:
         index = torch.tensor(sample_rows(rows, batch_size, rng), device=device)
         x0 = data[index, torch.randint(renders_per_row, (batch_size,), device=device)]
         token_ids = torch.where((torch.rand(batch_size, 1, device=device) < text_dropout), empty_ids, ids[index])
         z = torch.randn_like(x0)
         t = torch.rand(batch_size, device=device)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * z
-        loss = (_velocity(unet, xt, t, text_encoder(token_ids)[0]) - (z - x0)).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-    metrics["teacher_final_loss"] = loss.item()
-    metrics["teacher_seconds"] = round(time.time() - clock, 1)
+        return (_velocity(unet, xt, t, text_encoder(token_ids)[0]) - (z - x0)).square().mean()
+
+    unet.train()
+    text_encoder.train()
+    metrics["teacher_final_loss"], metrics["teacher_seconds"] = _fit(
+        params, teacher_loss, lr=teacher_lr, steps=teacher_steps, desc="train teacher")
     unet.eval()
     text_encoder.eval()
 
@@ -177,27 +187,18 @@ def distill_generator(
             metrics["teacher_geneval_lite"] = judge_latents(generator, teacher_latents, eval_rows, spec)
             tqdm.write(f"teacher: {metrics['teacher_geneval_lite']}")
 
-    # The student is the teacher's copy used as SD-Turbo at t = 999 (the teacher itself is not shipped).
-    generator.unet = unet = copy.deepcopy(unet)
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=student_lr, weight_decay=1e-2)
-    schedule = _warmup_cosine(optimizer, student_steps)
-    unet.train()
-    text_encoder.train()
-    clock = time.time()
-    for _ in tqdm(range(student_steps), desc="train student", mininterval=30):
+    # The student continues from the teacher's weights, used as SD-Turbo at t = 999 (the teacher is not shipped).
+    def student_loss() -> Tensor:
         pick = torch.randint(len(pair_rows), (batch_size,), device=device)
         latents = generator.sample(PromptEmbedding(text_encoder(ids[pair_rows[pick]])[0]), noises[pick])
-        loss = (latents - targets[pick]).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        return (latents - targets[pick]).square().mean()
+
+    unet.train()
+    text_encoder.train()
+    metrics["final_loss"], metrics["student_seconds"] = _fit(
+        params, student_loss, lr=student_lr, steps=student_steps, desc="train student")
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    metrics["final_loss"] = loss.item()
-    metrics["student_seconds"] = round(time.time() - clock, 1)
     if eval_rows:
         metrics["geneval_lite"] = geneval_lite(generator, eval_rows, spec, eval_seeds)
     save_generator(generator, out_dir)

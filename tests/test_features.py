@@ -259,3 +259,19 @@ def test_registry(mae_ckpt):
     assert build_feature_encoder("raw_latent", keys=("latent_mean",)).keys == ("latent_mean",)
     with pytest.raises(ValueError, match=r"unknown feature encoder 'clip'.*'latent_mae'"):
         build_feature_encoder("clip")
+
+
+def test_flat_keys_keep_the_layout_that_mean_keys_lose():
+    from drpo.features import RawLatentFeatures
+
+    encoder = RawLatentFeatures(keys=("latent_flat", "latent_flat_2", "latent_mean"))
+    x = torch.zeros(1, 4, 8, 8)
+    x[:, :, :4, :4] = 1.0  # a blob in the top-left quarter
+    moved = x.flip(-1)  # the same blob in the top-right quarter
+    a, b = encoder(x), encoder(moved)
+    assert a["latent_flat"].shape == (1, 1, 4 * 8 * 8) and a["latent_flat_2"].shape == (1, 1, 4 * 4 * 4)
+    torch.testing.assert_close(a["latent_mean"], b["latent_mean"])
+    assert (a["latent_flat"] - b["latent_flat"]).abs().max() == 1.0
+    torch.testing.assert_close(a["latent_flat_2"], torch.nn.functional.avg_pool2d(x, 2).flatten(1).unsqueeze(1))
+    with pytest.raises(ValueError, match="patch size 3"):
+        RawLatentFeatures(keys=("latent_flat_3",))(x)

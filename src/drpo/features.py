@@ -25,7 +25,11 @@ Feature keys follow the grammar ``<map>_<stat>[_<p>]`` over the encoder's named 
 * ``<map>_mean`` / ``<map>_std``: spatial mean / ``sqrt(population var + 1e-6)``, 1 token of C dims;
 * ``<map>_mean_<p>`` / ``<map>_std_<p>``: the same inside non-overlapping p x p patches,
   (H/p)(W/p) tokens in row-major patch order;
-* ``<map>``: every spatial position as a token (H*W tokens; the raw-latent encoder can subsample them).
+* ``<map>``: every spatial position as a token (H*W tokens; the raw-latent encoder can subsample them);
+* ``<map>_flat`` / ``<map>_flat_<p>``: the whole map (average-pooled over p x p first) as one token of
+  C*(H/p)*(W/p) dims. Not in the paper's recipes: the tokens of the keys above form one point set per prompt,
+  so no key above tells where in the image a feature is; a flat key keeps the layout (as the SDXL
+  teacher features of spec 2.5b do).
 
 Latent-MAE checkpoint layout (the Drifting authors' flax export, spec 2.5a and 12), one ``torch.save``'d flat
 dict:
@@ -84,7 +88,7 @@ TEACHER_LAYERS = ("down_blocks.2", "mid_block", "up_blocks.0")
 VIT_MAE_KEYS = ("layer12_patch_mean", "layer12_patch_std", "layer12_cls")
 DINO_KEYS = tuple(f"layer{n}_{head}" for n in (3, 6, 9, 12) for head in ("patch_mean", "patch_std", "cls"))
 MAX_LATENT_TOKENS = 1024
-_KEY_RE = re.compile(r"^(?P<map>.+?)_(?P<stat>mean|std)(?:_(?P<p>\d+))?$")
+_KEY_RE = re.compile(r"^(?P<map>.+?)_(?P<stat>mean|std|flat)(?:_(?P<p>\d+))?$")
 _STAGE_RE = re.compile(r"^encoder\.stages_(\d+)\.layers_(\d+)\.")
 
 
@@ -316,10 +320,15 @@ def feature_head(fmap: Tensor, stat: str | None, patch: int | None, spatial_stri
 
     stat None: every `spatial_stride`-th position, T = ceil(H/s)*ceil(W/s); "mean"/"std" without patch: T = 1;
     with patch p: statistics inside non-overlapping p x p patches, T = (H/p)(W/p). std = sqrt(var_pop + 1e-6).
+    "flat": T = 1, the map average-pooled over p x p patches (p = 1 without patch) and flattened.
     """
     n, c, h, w = fmap.shape
     if stat is None:
         return fmap[:, :, ::spatial_stride, ::spatial_stride].flatten(2).transpose(1, 2)
+    if stat == "flat":
+        if patch is not None and (patch < 1 or h % patch or w % patch):
+            raise ValueError(f"feature key {key!r}: patch size {patch} must divide the {h}x{w} map")
+        return F.avg_pool2d(fmap, patch or 1).flatten(1).unsqueeze(1)
     if patch is None:
         groups = fmap.flatten(2).unsqueeze(1)  # (N, 1, C, H*W)
     else:
@@ -361,7 +370,7 @@ class FeatureEncoder(nn.Module, ABC):
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}: unknown feature keys {unknown}; maps are {list(self.map_names)}, "
-                "keys are <map>, <map>_mean, <map>_std, <map>_mean_<p>, <map>_std_<p>"
+                "keys are <map>, <map>_mean, <map>_std, <map>_mean_<p>, <map>_std_<p>, <map>_flat, <map>_flat_<p>"
             )
 
     @property

@@ -153,3 +153,54 @@ def test_prompt_schedule_gives_every_tag_an_equal_share():
     assert picks == [PromptSchedule(len(tags), 2, 0, tags=tags)(m) for m in range(60)]  # a pure function
     with pytest.raises(ValueError, match="2 tags for 3 prompts"):
         PromptSchedule(3, 1, 0, tags=["a", "b"])
+
+
+def _pool_method(tiny_config, rule):
+    """DrPO with pass/fail pools on a real pixel rule: an image passes when rule(mean brightness) holds."""
+    from drpo.rewards import Reward
+
+    class PassFail(Reward):
+        name = "brightness_rule"
+
+        def _score(self, images, prompts, metadata):
+            brightness = images.mean(dim=(1, 2, 3))
+            return rule(brightness).float()
+
+    config = tiny_config | {"drpo": tiny_config["drpo"] | {"rollout_rounds": 3, "reference_l2_weight": 0.2}}
+    method, bank = _setup(config)
+    method.reward = PassFail()
+    return method, bank
+
+
+def test_pass_fail_pools_train_the_positives_only(tiny_config):
+    from drpo.lora import add_lora
+
+    method, bank = _pool_method(tiny_config, lambda b: b > b.median())
+    params = add_lora(method.generator.unet, rank=4, alpha=4)
+    noise, reference = bank.cell(0, 0)
+    loss, logs = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    # K = 6 with 3 above the median: both pools (2 each) fill in the first round.
+    assert logs == {"pass_rate": 0.5, "rollouts": 1.0, "skipped": 0.0}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_pass_fail_pools_skip_a_prompt_that_never_passes(tiny_config):
+    from drpo.lora import add_lora
+
+    method, bank = _pool_method(tiny_config, lambda b: b > 10.0)  # images are in [-1, 1]
+    params = add_lora(method.generator.unet, rank=4, alpha=4)
+    noise, reference = bank.cell(0, 0)
+    loss, logs = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    loss.backward()
+    assert logs == {"pass_rate": 0.0, "rollouts": 3.0, "skipped": 1.0}
+    assert loss.item() == 0.0 and all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+
+
+def test_pass_fail_pools_refuse_a_graded_reward(tiny_config):
+    config = tiny_config | {"drpo": tiny_config["drpo"] | {"rollout_rounds": 2}}
+    method, bank = _setup(config)  # the tiny PickScore gives graded scores
+    noise, reference = bank.cell(0, 0)
+    with pytest.raises(ValueError, match="pass/fail reward"):
+        method.loss(PromptBatch(PROMPTS[0], noise, reference))

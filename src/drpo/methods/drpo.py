@@ -5,6 +5,14 @@ target reward (ranking only, never differentiated); the top ``num_pos`` are posi
 the bottom ``num_neg`` negative anchors; embed candidates, anchors and the frozen base's samples
 for the same noises in a frozen feature space φ; regress φ(x) onto sg(φ(x) + V) where
 V = V_pref + λ·V_ref (drpo.drift.drpo_objective).
+
+With ``rollout_rounds > 0`` the anchors come from a pass/fail reward instead (spec 2.10, the paper's
+GenEval-reward trainer): up to ``rollout_rounds`` batches of K candidates are drawn without gradient
+until ``num_pos`` passing and ``num_neg`` failing noises are pooled; the passing ones are re-generated
+with gradient (they are the generated set and, detached, the positives) and the failing ones are the
+negatives. A prompt with an empty pool after the last round is skipped for this update. Where the
+authors' trainer wants full pools we take what was found (at least one of each): with K = 16 and 4
+rounds, prompts the base rarely gets right (position: 4 % here) would otherwise never train.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from drpo.drift import drpo_objective
 from drpo.methods.base import Method, PromptBatch
@@ -31,6 +40,10 @@ class DrPOSettings:
     reference_radii: tuple[float, ...] = (0.02, 0.05, 0.2)
     kernel: str = "laplacian"
     aggregation: str = "sum"
+    # Pass/fail pools (spec 2.10); 0 ranks the K candidates of the bank's noises instead.
+    rollout_rounds: int = 0
+    # Weight of the latent MSE to the frozen base's output (ref_model_l2_weight; 0.2 in the GenEval recipe).
+    reference_l2_weight: float = 0.0
 
 
 class DrPO(Method):
@@ -50,6 +63,8 @@ class DrPO(Method):
         return cls(generator, reward, features, DrPOSettings(**section))
 
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.settings.rollout_rounds:
+            return self._pool_loss(batch)
         s, gen = self.settings, self.generator
         k = batch.noise.shape[0]
         if s.num_pos + s.num_neg > k:
@@ -63,22 +78,12 @@ class DrPO(Method):
             scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
         pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
 
+        reference = batch.reference.to(latents.device)
         generated = self.features(latents.float(), cond=cond)
-        with torch.no_grad():
-            reference = self.features(batch.reference.to(latents.device).float(), cond=cond)
         # Anchors are the candidates' own features, detached (no second encoder pass).
-        feats = {name: value.unsqueeze(0) for name, value in generated.items()}
-        refs = {name: value.unsqueeze(0) for name, value in reference.items()}
         pos, neg = pos[0].to(latents.device), neg[0].to(latents.device)
-        positives = {name: value.detach()[:, pos] for name, value in feats.items()}
-        negatives = {name: value.detach()[:, neg] for name, value in feats.items()}
-        loss, info = drpo_objective(
-            feats, refs, positives, negatives,
-            positive_weight=s.positive_weight, negative_weight=s.negative_weight,
-            reference_weight=s.reference_weight, reference_negative_weight=s.reference_negative_weight,
-            reference_loss_weight=s.reference_loss_weight, pref_radii=s.radii,
-            ref_radii=s.reference_radii, kernel=s.kernel, aggregation=s.aggregation,
-        )
+        negatives = {name: value.detach()[neg] for name, value in generated.items()}
+        loss = self._objective(latents, generated, reference, cond, pos, negatives)
         ranked = scores.sort(descending=True).values
         logs = {
             "reward_mean": scores.mean().item(),
@@ -86,4 +91,71 @@ class DrPO(Method):
             "reward_top": ranked[: s.num_pos].mean().item(),
             "reward_bottom": ranked[-s.num_neg:].mean().item(),
         }
-        return loss.mean(), logs
+        return loss, logs
+
+    def _objective(self, latents, generated, reference, cond, positives, negatives) -> torch.Tensor:
+        """Preference + λ·reference drift over the feature keys (+ the optional latent L2 to the base).
+
+        generated: features of ``latents`` with gradient, {key: (S, T, D)}; positives: indices into them;
+        negatives: detached features {key: (M, T, D)}; reference: the base's latents for the same noises.
+        """
+        s = self.settings
+        with torch.no_grad():
+            reference_features = self.features(reference.float(), cond=cond)
+        feats = {name: value.unsqueeze(0) for name, value in generated.items()}
+        loss, _ = drpo_objective(
+            feats, {name: value.unsqueeze(0) for name, value in reference_features.items()},
+            {name: value.detach()[:, positives] for name, value in feats.items()},
+            {name: value.unsqueeze(0) for name, value in negatives.items()},
+            positive_weight=s.positive_weight, negative_weight=s.negative_weight,
+            reference_weight=s.reference_weight, reference_negative_weight=s.reference_negative_weight,
+            reference_loss_weight=s.reference_loss_weight, pref_radii=s.radii,
+            ref_radii=s.reference_radii, kernel=s.kernel, aggregation=s.aggregation,
+        )
+        loss = loss.mean()
+        if s.reference_l2_weight:
+            loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
+        return loss
+
+    def _pool_loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        s, gen = self.settings, self.generator
+        k = batch.noise.shape[0]
+        cond = gen.encode_prompts([batch.prompt])
+        metadata = [batch.metadata] * k if batch.metadata is not None else None
+        passing, failing, drawn = [], [], 0
+        for round_ in range(s.rollout_rounds):
+            noise = batch.noise if round_ == 0 else torch.randn_like(batch.noise)
+            noise = noise.to(gen.device, gen.dtype)
+            with torch.no_grad():
+                images = gen.decode(gen.sample(cond.repeat_interleave(k), noise))
+                scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
+            if not bool(((scores == 0) | (scores == 1)).all()):
+                raise ValueError(f"drpo.rollout_rounds needs a pass/fail reward (scores 0 or 1, such as "
+                                 f"geneval_lite); reward {self.reward.name!r} gave {scores.tolist()[:4]}")
+            passing += list(noise[scores == 1])
+            failing += list(noise[scores == 0])
+            drawn += k
+            if len(passing) >= s.num_pos and len(failing) >= s.num_neg:
+                break
+        logs = {"pass_rate": len(passing) / drawn, "rollouts": drawn / k,
+                "skipped": float(not passing or not failing)}
+        if logs["skipped"]:
+            return torch.zeros((), device=gen.device, requires_grad=True), logs
+        positives = _subsample(passing, s.num_pos)
+        negatives = _subsample(failing, s.num_neg)
+        pos_cond = cond.repeat_interleave(len(positives))
+        latents = gen.sample(pos_cond, positives)
+        with torch.no_grad():
+            negative_latents = gen.sample(cond.repeat_interleave(len(negatives)), negatives)
+            negative_features = self.features(negative_latents.float(), cond=cond.repeat_interleave(len(negatives)))
+            reference = gen.sample(pos_cond, positives, adapters=False)
+        generated = self.features(latents.float(), cond=pos_cond)
+        every = torch.arange(len(positives), device=latents.device)
+        return self._objective(latents, generated, reference, pos_cond, every, negative_features), logs
+
+
+def _subsample(pool: list[torch.Tensor], cap: int) -> torch.Tensor:
+    """At most ``cap`` members of the pool, chosen at random (the training RNG), stacked."""
+    if len(pool) > cap:
+        pool = [pool[i] for i in torch.randperm(len(pool))[:cap].tolist()]
+    return torch.stack(pool)

@@ -38,7 +38,11 @@ def test_default_config_resolves(tmp_path):
     override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
     result = _dry_run(tmp_path, REPO / "config.yaml", override)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train" in result.stdout and "reference_bank" in result.stdout
+    assert "train" in result.stdout and "reference_bank" not in result.stdout  # fresh noises, no bank
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "train": {"reference": "bank"}}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _job_counts(result.stdout)["reference_bank"] == 1
 
 
 def _job_counts(stdout: str) -> dict[str, int]:
@@ -59,8 +63,9 @@ def test_the_comparison_trains_every_method_on_matched_budgets(tmp_path):
     assert jobs["train"] == len(methods) * len(seeds)
     assert jobs["evaluate"] == 1 + len(methods) * len(seeds) * checkpoints
     assert jobs["grid"] == len(methods) and "cost_measured" not in jobs
-    # One shared reference bank: every method sees the same training prompts and noises.
-    assert jobs["reference_bank"] == 1
+    # No bank: fresh noises seeded by (run seed, prompt, visit), so every method's run of one seed sees the
+    # same prompts and noises.
+    assert "reference_bank" not in jobs
 
 
 def test_a_mistyped_key_stops_the_run_and_is_named(tmp_path):

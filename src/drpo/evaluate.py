@@ -5,6 +5,10 @@ with ``seed * 1_000_000 + i``, one image per (prompt, evaluation seed). Per imag
 target reward and, in the miniature world, the GenEval-lite verdict of the procedural detector.
 Per prompt we record diversity: the mean pairwise cosine distance of the reward model's image
 embeddings across seeds (the paper's CLIP/DINO diversity).
+
+GenEval judges 320-400 images per task (80-100 prompts x 4 images). A small split can have a task with
+2 prompts, where one image moves the task by several points, so ``evaluation_seeds`` gives the prompts of
+such a task more seeds, up to a minimum number of images per task.
 """
 
 from __future__ import annotations
@@ -19,6 +23,23 @@ from tqdm import tqdm
 from drpo.generators import image_seed
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def evaluation_seeds(rows: list[dict], seeds: list[int], min_images_per_tag: int = 0) -> list[list[int]]:
+    """The evaluation seeds of every row: ``seeds``, continued (max(seeds) + 1, + 2, ...) for the rows of a
+    GenEval tag with fewer than ``min_images_per_tag`` images, so that the tag reaches that many. Rows
+    without a tag keep ``seeds``."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("tag") is not None:
+            counts[row["tag"]] = counts.get(row["tag"], 0) + 1
+    per_row = []
+    for row in rows:
+        n = len(seeds)
+        if row.get("tag") is not None:
+            n = max(n, -(-min_images_per_tag // counts[row["tag"]]))
+        per_row.append(list(seeds) + [max(seeds) + 1 + k for k in range(n - len(seeds))])
+    return per_row
 
 
 @torch.no_grad()
@@ -43,13 +64,16 @@ def sample_latents(generator, prompts: list[str], seeds: list[int], *, batch_siz
 @torch.no_grad()
 def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], seeds: list[int], *,
                   batch_size: int = 64, world_spec=None, images_dir: str | Path | None = None,
-                  held_out: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  held_out: dict | None = None,
+                  prompt_indices: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and score latents from :func:`sample_latents`.
 
     Returns (per-image table, per-prompt table). ``rows`` are the prompts' metadata (GenEval rows,
     or {"prompt": ...} at paper scale); ``world_spec`` enables the GenEval-lite detector;
-    ``held_out`` maps labels to further rewards scored on the same images (column reward_<label>).
+    ``held_out`` maps labels to further rewards scored on the same images (column reward_<label>);
+    ``prompt_indices`` are the rows' indices in their split (tables and sample folders use them).
     """
+    indices = list(range(len(rows))) if prompt_indices is None else list(prompt_indices)
     held_out = held_out or {}
     from drpo.world.detect import judge
 
@@ -69,7 +93,7 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         for offset, (row, score, image) in enumerate(zip(batch_rows, scores.tolist(), pixels)):
             flat = start + offset
-            record = {"prompt_index": flat // n_seeds, "seed": seeds[flat % n_seeds],
+            record = {"prompt_index": indices[flat // n_seeds], "seed": seeds[flat % n_seeds],
                       "prompt": row["prompt"], "tag": row.get("tag"), "reward": score,
                       **{f"reward_{label}": values[offset] for label, values in extra.items()}}
             if world_spec is not None:
@@ -78,32 +102,35 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
             if images_dir is not None:
                 images_u8.append(image)
     per_image = pd.DataFrame.from_records(records)
-    per_prompt = _diversity(torch.cat(embeddings), len(rows), n_seeds)
+    per_prompt = _diversity(torch.cat(embeddings), indices, n_seeds)
     if images_dir is not None:
         from drpo.world.geneval import write_sample_folder
 
         grouped = [images_u8[i * n_seeds:(i + 1) * n_seeds] for i in range(len(rows))]
-        write_sample_folder(images_dir, rows, grouped)
+        write_sample_folder(images_dir, rows, grouped, indices=indices)
     return per_image, per_prompt
 
 
-def _diversity(embeddings: torch.Tensor, n_prompts: int, n_seeds: int) -> pd.DataFrame:
+def _diversity(embeddings: torch.Tensor, prompt_indices: list[int], n_seeds: int) -> pd.DataFrame:
     """Mean pairwise cosine distance across seeds, per prompt."""
+    n_prompts = len(prompt_indices)
     emb = torch.nn.functional.normalize(embeddings.view(n_prompts, n_seeds, -1), dim=-1)
     sim = emb @ emb.transpose(1, 2)
     off_diagonal = ~torch.eye(n_seeds, dtype=torch.bool)
     distance = (1 - sim[:, off_diagonal]).mean(dim=1) if n_seeds > 1 else torch.full((n_prompts,), float("nan"))
-    return pd.DataFrame({"prompt_index": np.arange(n_prompts), "diversity": distance.numpy()})
+    return pd.DataFrame({"prompt_index": np.asarray(prompt_indices), "diversity": distance.numpy()})
 
 
 def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale: float,
               held_out_scales: dict[str, float] | None = None) -> dict[str, float]:
     """One row of the results table: rewards x their report scales, GenEval-lite per tag and overall,
-    diversity."""
-    summary = {"reward": float(per_image["reward"].mean() * reward_scale),
+    diversity. Rewards are means over prompts of the per-prompt means, so that every prompt weighs the same
+    whatever its number of seeds; GenEval-lite is the accuracy over a tag's images, as in GenEval."""
+    by_prompt = per_image.groupby("prompt_index")
+    summary = {"reward": float(by_prompt["reward"].mean().mean() * reward_scale),
                "diversity": float(per_prompt["diversity"].mean())}
     for label, scale in (held_out_scales or {}).items():
-        summary[f"reward_{label}"] = float(per_image[f"reward_{label}"].mean() * scale)
+        summary[f"reward_{label}"] = float(by_prompt[f"reward_{label}"].mean().mean() * scale)
     if "correct" in per_image:
         by_tag = per_image.groupby("tag")["correct"].mean()
         for tag in GENEVAL_TAGS:

@@ -106,7 +106,7 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
             raise ValueError(f"reference bank {bank_path} was built for other prompts than {prompts_path}; "
                              "rerun the reference_bank rule")
     else:
-        source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=0)
+        source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=seed)
     settings = TrainSettings.from_config(config["train"], seed, method_name)
     return train(method, source, settings, run_dir, metadata=rows, log=log)
 
@@ -115,7 +115,9 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
                    per_image_out: str | Path, *, method: str, seed: int, step: int,
                    run_dir: str | Path | None = None) -> dict:
     """Evaluate the base (run_dir None) or the checkpoint ``step`` of the run in ``run_dir``."""
-    from drpo.evaluate import sample_latents, score_latents, summarize
+    import pandas as pd
+
+    from drpo.evaluate import evaluation_seeds, sample_latents, score_latents, summarize
     from drpo.lora import load_lora
     from drpo.train import CHECKPOINT_PREFIX
 
@@ -132,14 +134,23 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
     evaluation = config["evaluate"]
     if evaluation["max_prompts"]:
         rows = rows[: evaluation["max_prompts"]]
-    seeds = evaluation["seeds"]
-    latents = sample_latents(generator, [row["prompt"] for row in rows], seeds,
-                             batch_size=evaluation["batch_size"], adapters=adapters)
     images_dir = Path(summary_out).parent / "geneval_samples" if evaluation["save_images"] else None
-    per_image, per_prompt = score_latents(generator, reward, latents, rows, seeds,
-                                          batch_size=evaluation["batch_size"],
-                                          world_spec=world_spec(config), images_dir=images_dir,
-                                          held_out=held_out)
+    # Prompts that share a seed list (those of one tag) are sampled and scored together.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, seeds in enumerate(evaluation_seeds(rows, evaluation["seeds"], evaluation["min_images_per_tag"])):
+        groups.setdefault(tuple(seeds), []).append(index)
+    images, prompts = [], []
+    for seeds, indices in groups.items():
+        group_rows = [rows[i] for i in indices]
+        latents = sample_latents(generator, [row["prompt"] for row in group_rows], list(seeds),
+                                 batch_size=evaluation["batch_size"], adapters=adapters, prompt_indices=indices)
+        image_table, prompt_table = score_latents(
+            generator, reward, latents, group_rows, list(seeds), batch_size=evaluation["batch_size"],
+            world_spec=world_spec(config), images_dir=images_dir, held_out=held_out, prompt_indices=indices)
+        images.append(image_table)
+        prompts.append(prompt_table)
+    per_image = pd.concat(images).sort_values(["prompt_index", "seed"], ignore_index=True)
+    per_prompt = pd.concat(prompts).sort_values("prompt_index", ignore_index=True)
     per_image = per_image.merge(per_prompt, on="prompt_index")
     per_image.to_parquet(per_image_out, index=False)
     summary = {"method": method, "seed": seed, "step": step,

@@ -25,13 +25,16 @@ from drpo.world.spec import WorldSpec
 
 
 def write_sample_folder(
-    out_dir: str | Path, rows: list[dict[str, Any]], images_per_row: list[list[np.ndarray]]
+    out_dir: str | Path, rows: list[dict[str, Any]], images_per_row: list[list[np.ndarray]],
+    indices: list[int] | None = None,
 ) -> None:
-    """Write GenEval's sample folder layout: one folder per row, its images as PNG."""
+    """Write GenEval's sample folder layout: one folder per row (named by its index in the metadata file,
+    default 0, 1, ...), its images as PNG."""
     if len(rows) != len(images_per_row):
         raise ValueError(f"got {len(rows)} rows but {len(images_per_row)} image lists")
     out_dir = Path(out_dir)
-    for index, (row, images) in enumerate(zip(rows, images_per_row)):
+    indices = list(range(len(rows))) if indices is None else list(indices)
+    for index, row, images in zip(indices, rows, images_per_row, strict=True):
         validate_row(row, f"row {index}")
         samples = out_dir / f"{index:05d}" / "samples"
         samples.mkdir(parents=True, exist_ok=True)

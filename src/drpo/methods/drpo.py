@@ -127,13 +127,13 @@ class DrPO(Method):
             noise = batch.noise if round_ == 0 else torch.randn_like(batch.noise)
             noise = noise.to(gen.device, gen.dtype)
             with torch.no_grad():
-                images = gen.decode(gen.sample(cond.repeat_interleave(k), noise))
-                scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
+                candidates = gen.sample(cond.repeat_interleave(k), noise)
+                scores = self.reward.score(gen.decode(candidates), [batch.prompt] * k, metadata=metadata)
             if not bool(((scores == 0) | (scores == 1)).all()):
                 raise ValueError(f"drpo.rollout_rounds needs a pass/fail reward (scores 0 or 1, such as "
                                  f"geneval_lite); reward {self.reward.name!r} gave {scores.tolist()[:4]}")
-            passing += list(noise[scores == 1])
-            failing += list(noise[scores == 0])
+            passing += list(noise[scores == 1])  # re-generated below, with gradient
+            failing += list(candidates[scores == 0])  # the negatives' latents, kept
             drawn += k
             if len(passing) >= s.num_pos and len(failing) >= s.num_neg:
                 break
@@ -146,8 +146,7 @@ class DrPO(Method):
         pos_cond = cond.repeat_interleave(len(positives))
         latents = gen.sample(pos_cond, positives)
         with torch.no_grad():
-            negative_latents = gen.sample(cond.repeat_interleave(len(negatives)), negatives)
-            negative_features = self.features(negative_latents.float(), cond=cond.repeat_interleave(len(negatives)))
+            negative_features = self.features(negatives.float(), cond=cond.repeat_interleave(len(negatives)))
             reference = gen.sample(pos_cond, positives, adapters=False)
         generated = self.features(latents.float(), cond=pos_cond)
         every = torch.arange(len(positives), device=latents.device)

@@ -189,6 +189,18 @@ def feature_dicts(batch=2, k=4, num_pos=2, num_neg=2, seed=0):
     return generated, make(k), make(num_pos), make(num_neg)
 
 
+def test_objective_without_anchors_is_the_reference_term_alone():
+    generated, reference, positive, negative = feature_dicts()
+    full, info = drpo_objective(generated, reference, positive, negative, reference_loss_weight=0.5)
+    alone, alone_info = drpo_objective(generated, reference, None, None, reference_loss_weight=0.5)
+    torch.testing.assert_close(alone, 0.5 * info["ref"])
+    assert "pref" not in alone_info and torch.allclose(full, info["pref"] + 0.5 * info["ref"])
+    with pytest.raises(ValueError, match="needs a preference term"):
+        drpo_objective(generated, None, None, None, reference_loss_weight=0.0)
+    with pytest.raises(ValueError, match="both be None"):
+        drpo_objective(generated, reference, positive, None)
+
+
 def test_objective_without_reference_sums_per_key_pref_losses():
     generated, reference, positive, negative = feature_dicts()
     loss, info = drpo_objective(generated, None, positive, negative, reference_loss_weight=0.0)

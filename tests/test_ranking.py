@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from drpo.ranking import ensemble_scores, gather_samples, select_anchors, zscore
+from drpo.ranking import drop_tied_anchors, ensemble_scores, gather_samples, select_anchors, zscore
 
 
 def test_zscore_uses_population_std():
@@ -49,6 +49,23 @@ def test_select_anchors_rejects_non_finite_rewards(bad):
     scores[1, 2] = bad
     with pytest.raises(ValueError, match=f"reward returned {bad} for candidate 2 of prompt 1"):
         select_anchors(scores, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "scores, positives, negatives",
+    [
+        ([0.0] * 8, [], []),  # every candidate alike: no preference at all
+        ([1.0] * 8, [], []),
+        ([0, 1, 0, 0, 0, 1, 0, 0], [1, 5], [7, 6, 4]),  # 2 pass: the positives are those 2
+        ([1, 1, 0, 1, 1, 1, 1, 0], [0, 1, 3], [7, 2]),  # 2 fail: the negatives are those 2
+        ([0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.4], [1, 6, 4], [2, 5, 0]),  # graded, no ties: unchanged
+    ],
+)
+def test_drop_tied_anchors_keeps_only_anchors_that_carry_a_preference(scores, positives, negatives):
+    scores = torch.tensor(scores, dtype=torch.float32)
+    pos, neg = select_anchors(scores.view(1, -1), 3, 3)
+    kept_pos, kept_neg = drop_tied_anchors(scores, pos[0], neg[0])
+    assert kept_pos.tolist() == positives and kept_neg.tolist() == negatives
 
 
 def test_ensemble_scores_weights_z_scores():

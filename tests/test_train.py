@@ -155,8 +155,9 @@ def test_prompt_schedule_gives_every_tag_an_equal_share():
         PromptSchedule(3, 1, 0, tags=["a", "b"])
 
 
-def _pool_method(tiny_config, rule):
-    """DrPO with pass/fail pools on a real pixel rule: an image passes when rule(mean brightness) holds."""
+def _pool_method(tiny_config, rule, **drpo):
+    """DrPO (pass/fail pools unless `drpo` says otherwise) on a real pixel rule: an image passes when
+    rule(mean brightness) holds."""
     from drpo.rewards import Reward
 
     class PassFail(Reward):
@@ -166,10 +167,37 @@ def _pool_method(tiny_config, rule):
             brightness = images.mean(dim=(1, 2, 3))
             return rule(brightness).float()
 
-    config = tiny_config | {"drpo": tiny_config["drpo"] | {"rollout_rounds": 3, "reference_l2_weight": 0.2}}
-    method, bank = _setup(config)
+    drpo = {"rollout_rounds": 3, "reference_l2_weight": 0.2} | drpo
+    method, bank = _setup(tiny_config | {"drpo": tiny_config["drpo"] | drpo})
     method.reward = PassFail()
     return method, bank
+
+
+@pytest.mark.parametrize("reference_loss_weight", [0.0, 0.2])
+def test_ranked_pass_fail_reward_with_every_candidate_alike_trains_no_preference(tiny_config, reference_loss_weight):
+    from drpo.lora import add_lora
+
+    method, bank = _pool_method(tiny_config, lambda b: b > 10.0, rollout_rounds=0, reference_l2_weight=0.0,
+                                reference_loss_weight=reference_loss_weight)  # images are in [-1, 1]: all fail
+    params = add_lora(method.generator.unet, rank=4, alpha=4)
+    for p in params:  # adapters off the identity, so the reference term has a gradient
+        torch.nn.init.normal_(p, std=0.05)
+    noise, reference = bank.cell(0, 0)
+    loss, logs = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    loss.backward()
+    assert logs["tied"] == 1.0
+    moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    if reference_loss_weight:  # the reference drift alone
+        assert loss > 0 and moved
+    else:  # nothing to learn from this prompt
+        assert loss.item() == 0.0 and not moved
+
+
+def test_ranked_pass_fail_reward_keeps_the_passing_candidates_as_positives(tiny_config):
+    method, bank = _pool_method(tiny_config, lambda b: b > b.median(), rollout_rounds=0, reference_l2_weight=0.0)
+    noise, reference = bank.cell(0, 0)
+    loss, logs = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    assert logs["tied"] == 0.0 and logs["reward_top"] == 1.0 and logs["reward_bottom"] == 0.0 and loss > 0
 
 
 def test_pass_fail_pools_train_the_positives_only(tiny_config):

@@ -269,8 +269,8 @@ def _point_cloud(features: Tensor, key: str, role: str, batch: int, dim: int | N
 def drpo_objective(
     generated: Mapping[str, Tensor],
     reference: Mapping[str, Tensor] | None,
-    positive: Mapping[str, Tensor],
-    negative: Mapping[str, Tensor],
+    positive: Mapping[str, Tensor] | None,
+    negative: Mapping[str, Tensor] | None,
     *,
     positive_weight: float = 3000.0,
     negative_weight: float = 3000.0,
@@ -289,7 +289,8 @@ def drpo_objective(
     ``L_pref,k = drift_loss(X, P, N, w+, w-)`` and ``L_ref,k = drift_loss(X, XR, sg(X), ref weights,
     mask_negative_self=True)``; the total is ``Agg_k L_pref,k + reference_loss_weight * Agg_k L_ref,k`` with
     Agg = "sum" (SD-Turbo) or "mean" (SDXL) over keys. A zero reference_loss_weight skips the reference
-    calls, and reference may then be None.
+    calls, and reference may then be None. positive and negative None skip the preference term (a prompt whose
+    candidates all scored alike, drpo.ranking.drop_tied_anchors): the loss is then the reference term alone.
 
     Returns:
         loss (B,) and detached per-key losses "pref/{key}", "ref/{key}" plus aggregates "pref", "ref", each (B,).
@@ -304,7 +305,12 @@ def drpo_objective(
     keys = list(generated)
     if not keys:
         raise ValueError("generated holds no feature keys")
-    roles = {"positive": positive, "negative": negative}
+    if (positive is None) != (negative is None):
+        raise ValueError("positive and negative must both be given, or both be None (no preference term)")
+    use_pref = positive is not None
+    if not use_pref and not use_ref:
+        raise ValueError("drpo_objective needs a preference term (positive, negative) or a reference term")
+    roles = {"positive": positive, "negative": negative} if use_pref else {}
     if reference is not None:
         roles["reference"] = reference
     for role, feats in roles.items():
@@ -316,15 +322,16 @@ def drpo_objective(
     for key in keys:
         x = _point_cloud(generated[key], key, "generated", batch)
         clouds = {role: _point_cloud(f[key], key, role, batch, x.shape[-1]) for role, f in roles.items()}
-        pref[key], _ = drift_loss(
-            x,
-            clouds["positive"],
-            clouds["negative"],
-            positive_weight=positive_weight,
-            negative_weight=negative_weight,
-            radii=pref_radii,
-            kernel=kernel,
-        )
+        if use_pref:
+            pref[key], _ = drift_loss(
+                x,
+                clouds["positive"],
+                clouds["negative"],
+                positive_weight=positive_weight,
+                negative_weight=negative_weight,
+                radii=pref_radii,
+                kernel=kernel,
+            )
         if use_ref:
             ref[key], _ = drift_loss(
                 x,
@@ -341,8 +348,8 @@ def drpo_objective(
         total = torch.stack(list(losses.values())).sum(dim=0)
         return total / len(losses) if aggregation == "mean" else total
 
-    loss = aggregate(pref)
-    info = {f"pref/{k}": v.detach() for k, v in pref.items()} | {"pref": loss.detach()}
+    loss = aggregate(pref) if use_pref else 0.0
+    info = {f"pref/{k}": v.detach() for k, v in pref.items()} | ({"pref": loss.detach()} if use_pref else {})
     if use_ref:
         ref_total = aggregate(ref)
         loss = loss + reference_loss_weight * ref_total

@@ -79,6 +79,36 @@ def select_anchors(scores: Tensor, num_pos: int, num_neg: int) -> tuple[Tensor, 
     return order[:, :num_pos], order[:, k - num_neg :].flip(-1)
 
 
+def drop_tied_anchors(scores: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+    """The anchors of one prompt that carry a preference: positives scored above the lowest negative, negatives
+    scored below the highest positive.
+
+    A pass/fail reward (GenEval's detector) often scores every candidate of a prompt alike, and then the "best"
+    and "worst" are the first and last by index: a preference between equals. Because the drift field is
+    normalised to unit RMS per radius, such a preference moves the generator as far as a real one, in a
+    direction no reward asked for. With 2 passing candidates of 16 and 4 anchors of each kind, the positives
+    are the 2 passing ones and the negatives stay 4. If every anchor ties, both come back empty: the caller
+    skips the preference for this prompt. A continuous reward rarely ties, so for it nothing changes.
+
+    Args:
+        scores: (K,) the prompt's scores; positives (P,), negatives (M,): indices from `select_anchors`.
+
+    Returns:
+        the kept positives and negatives, in their order; both empty when nothing is preferred.
+    """
+    if scores.dim() != 1 or positives.dim() != 1 or negatives.dim() != 1:
+        raise ValueError(f"expected 1-D scores and anchor indices, got {tuple(scores.shape)}, "
+                         f"{tuple(positives.shape)}, {tuple(negatives.shape)}")
+    if len(negatives) == 0:
+        return positives, negatives
+    positive_scores, negative_scores = scores[positives], scores[negatives]
+    kept_positives = positives[positive_scores > negative_scores.min()]
+    kept_negatives = negatives[negative_scores < positive_scores.max()]
+    if len(kept_positives) == 0 or len(kept_negatives) == 0:
+        return positives[:0], negatives[:0]
+    return kept_positives, kept_negatives
+
+
 def gather_samples(tensor: Tensor, index: Tensor) -> Tensor:
     """Per-prompt selection: tensor (B, K, ...) and index (B, J) -> (B, J, ...)."""
     if index.dim() != 2 or tensor.dim() < 2 or index.shape[0] != tensor.shape[0]:

@@ -13,6 +13,9 @@ with gradient (they are the generated set and, detached, the positives) and the 
 negatives. A prompt with an empty pool after the last round is skipped for this update. Where the
 authors' trainer wants full pools we take what was found (at least one of each): with K = 16 and 4
 rounds, prompts the base rarely gets right (position: 4 % here) would otherwise never train.
+
+Ranked anchors that tie across the cut (a pass/fail reward scoring every candidate alike) carry no preference
+and are dropped (drpo.ranking.drop_tied_anchors); a prompt with nothing preferred trains the reference term only.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from drpo.drift import drpo_objective
 from drpo.methods.base import Method, PromptBatch
-from drpo.ranking import select_anchors
+from drpo.ranking import drop_tied_anchors, select_anchors
 
 
 @dataclass(frozen=True)
@@ -77,21 +80,21 @@ class DrPO(Method):
             metadata = [batch.metadata] * k if batch.metadata is not None else None
             scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
         pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
-
-        reference = batch.reference.to(latents.device)
-        generated = self.features(latents.float(), cond=cond)
-        # Anchors are the candidates' own features, detached (no second encoder pass).
-        pos, neg = pos[0].to(latents.device), neg[0].to(latents.device)
-        negatives = {name: value.detach()[neg] for name, value in generated.items()}
-        loss = self._objective(latents, generated, reference, cond, pos, negatives)
+        pos, neg = drop_tied_anchors(scores, pos[0], neg[0])
         ranked = scores.sort(descending=True).values
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),
             "reward_top": ranked[: s.num_pos].mean().item(),
             "reward_bottom": ranked[-s.num_neg:].mean().item(),
+            "tied": float(len(pos) == 0),
         }
-        return loss, logs
+        reference = batch.reference.to(latents.device)
+        generated = self.features(latents.float(), cond=cond)
+        # Anchors are the candidates' own features, detached (no second encoder pass).
+        pos, neg = pos.to(latents.device), neg.to(latents.device)
+        negatives = {name: value.detach()[neg] for name, value in generated.items()}
+        return self._objective(latents, generated, reference, cond, pos, negatives), logs
 
     def _objective(self, latents, generated, reference, cond, positives, negatives) -> torch.Tensor:
         """Preference + λ·reference drift over the feature keys (+ the optional latent L2 to the base).
@@ -100,22 +103,29 @@ class DrPO(Method):
         negatives: detached features {key: (M, T, D)}; reference: the base's latents for the same noises.
         """
         s = self.settings
+        preferred = len(positives) > 0  # else every anchor tied: the reference terms alone
+        loss = latents.sum() * 0.0
+        if preferred or s.reference_loss_weight:
+            loss = self._drift_loss(generated, reference, cond, positives, negatives, preferred)
+        if s.reference_l2_weight:
+            loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
+        return loss
+
+    def _drift_loss(self, generated, reference, cond, positives, negatives, preferred: bool) -> torch.Tensor:
+        s = self.settings
         with torch.no_grad():
             reference_features = self.features(reference.float(), cond=cond)
         feats = {name: value.unsqueeze(0) for name, value in generated.items()}
         loss, _ = drpo_objective(
             feats, {name: value.unsqueeze(0) for name, value in reference_features.items()},
-            {name: value.detach()[:, positives] for name, value in feats.items()},
-            {name: value.unsqueeze(0) for name, value in negatives.items()},
+            {name: value.detach()[:, positives] for name, value in feats.items()} if preferred else None,
+            {name: value.unsqueeze(0) for name, value in negatives.items()} if preferred else None,
             positive_weight=s.positive_weight, negative_weight=s.negative_weight,
             reference_weight=s.reference_weight, reference_negative_weight=s.reference_negative_weight,
             reference_loss_weight=s.reference_loss_weight, pref_radii=s.radii,
             ref_radii=s.reference_radii, kernel=s.kernel, aggregation=s.aggregation,
         )
-        loss = loss.mean()
-        if s.reference_l2_weight:
-            loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
-        return loss
+        return loss.mean()
 
     def _pool_loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
         s, gen = self.settings, self.generator

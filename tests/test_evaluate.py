@@ -36,3 +36,23 @@ def test_a_group_of_prompts_is_scored_as_in_the_whole_split(tiny_config):
     doubled = per_image[per_image["prompt_index"] == 1].assign(seed=lambda t: t["seed"] + 100)
     lopsided = summarize(pd.concat([per_image, doubled]), per_prompt, reward_scale=1.0)
     assert abs(lopsided["reward"] - summarize(per_image, per_prompt, reward_scale=1.0)["reward"]) < 1e-9
+
+
+def test_diversity_comes_from_a_held_out_reward_when_the_target_has_no_image_embeddings(tiny_config):
+    from drpo.rewards import Reward
+
+    class Brightness(Reward):  # a model-free target, as the detector is
+        name = "brightness"
+
+        def _score(self, images, prompts, metadata):
+            return images.mean(dim=(1, 2, 3))
+
+    generator, clip, _ = load_models(tiny_config, features=False)
+    rows, seeds = [{"prompt": p} for p in PROMPTS], [1, 2, 3]
+    latents = sample_latents(generator, PROMPTS, seeds)
+    _, with_clip = score_latents(generator, clip, latents, rows, seeds)
+    _, borrowed = score_latents(generator, Brightness(), latents, rows, seeds, held_out={"clip": clip})
+    _, without = score_latents(generator, Brightness(), latents, rows, seeds)
+    torch.testing.assert_close(torch.tensor(borrowed["diversity"].to_numpy()),
+                               torch.tensor(with_clip["diversity"].to_numpy()))
+    assert without["diversity"].isna().all() and len(without) == len(PROMPTS)

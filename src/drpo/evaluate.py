@@ -72,9 +72,12 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
     or {"prompt": ...} at paper scale); ``world_spec`` enables the GenEval-lite detector;
     ``held_out`` maps labels to further rewards scored on the same images (column reward_<label>);
     ``prompt_indices`` are the rows' indices in their split (tables and sample folders use them).
+    Diversity is measured in the image embeddings of the target reward or, for a target without them (the
+    detector), of the first held-out reward that has them; it is NaN when no reward has any.
     """
     indices = list(range(len(rows))) if prompt_indices is None else list(prompt_indices)
     held_out = held_out or {}
+    embedder = next((r for r in (reward, *held_out.values()) if hasattr(r, "embed_images")), None)
     from drpo.world.detect import judge
 
     n_seeds = len(seeds)
@@ -88,7 +91,8 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
         scores = reward.score(images, prompts, metadata=batch_rows)
         extra = {label: other.score(images, prompts, metadata=batch_rows).tolist()
                  for label, other in held_out.items()}
-        embeddings.append(reward.embed_images(images).float().cpu())
+        if embedder is not None:
+            embeddings.append(embedder.embed_images(images).float().cpu())
         pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         for offset, (row, score, image) in enumerate(zip(batch_rows, scores.tolist(), pixels)):
@@ -102,7 +106,10 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
             if images_dir is not None:
                 images_u8.append(image)
     per_image = pd.DataFrame.from_records(records)
-    per_prompt = _diversity(torch.cat(embeddings), indices, n_seeds)
+    if embedder is not None:
+        per_prompt = _diversity(torch.cat(embeddings), indices, n_seeds)
+    else:
+        per_prompt = pd.DataFrame({"prompt_index": np.asarray(indices), "diversity": np.nan})
     if images_dir is not None:
         from drpo.world.geneval import write_sample_folder
 

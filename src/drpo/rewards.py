@@ -636,6 +636,7 @@ class GenEvalLiteReward(Reward):
 
     name = "geneval_lite"
     requires_metadata = True
+    report_scale = 100.0  # tables show the share of correct images in %
 
     def __init__(self, spec: WorldSpec | dict | None = None) -> None:
         self.spec = spec if isinstance(spec, WorldSpec) else WorldSpec.from_dict(spec or {})

@@ -3,8 +3,9 @@
 
 def evaluate_inputs(wildcards):
     inputs = dict(model_inputs(), prompts=test_prompts())
-    if heldout_reward_path():  # only evaluation reads the held-out scorer
-        inputs["heldout_reward"] = heldout_reward_path() + "/config.json"
+    for label in config["evaluate"]["rewards"]:  # scorers that only evaluation reads (held-out, or the CLIP
+        if eval_reward_path(label):  # reward when the target is the detector)
+            inputs[f"reward_{label}"] = eval_reward_path(label) + "/config.json"
     if wildcards.method != "base":
         inputs["done"] = RUN.format(method=wildcards.method, seed=wildcards.seed) + "/train_done.json"
     return inputs

@@ -47,8 +47,11 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoi
             "../scripts/miniature.py"
 
 
-# A target reward without a model folder (e.g. an ensemble, or geneval_lite) needs no miniature reward model.
-REWARD_PATH = config["models"]["reward"].get("path") if config["world"]["enabled"] else None
+# The miniature's CLIP reward is built where the target reward reads it or, when the target needs no model
+# folder (geneval_lite, the default; an ensemble), where evaluation reads it as evaluate.rewards.pickscore.
+REWARD_PATH = None
+if config["world"]["enabled"]:
+    REWARD_PATH = config["models"]["reward"].get("path") or eval_reward_path("pickscore")
 if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
 
     rule miniature_reward:

@@ -69,6 +69,23 @@ def test_dpo_step_moves_policy_toward_chosen_and_away_from_rejected():
     assert set_score(policy, chosen) > before[0] and set_score(policy, rejected) < before[1]
 
 
+def test_dpo_with_every_candidate_alike_has_no_preference_to_learn(tiny_config):
+    class AllFail(Reward):
+        name = "all_fail"
+
+        def _score(self, images, prompts, metadata):
+            return torch.zeros(len(images))
+
+    generator, _ = _models(tiny_config)
+    params = add_lora(generator.unet, rank=4, alpha=4)
+    method = build_method("dpo", generator, AllFail(), None, tiny_config | {"dpo": {"num_pos": 2, "num_neg": 2,
+                                                                                   "beta": 30.0}})
+    loss, logs = method.loss(_batch(generator))
+    loss.backward()
+    assert logs["tied"] == 1.0 and loss.item() == 0.0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+
+
 def test_dpo_set_score_averages_over_all_pairs():
     points, targets = torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     assert set_score(points, targets).item() == pytest.approx(-(2.0 + 4.0) / 2)

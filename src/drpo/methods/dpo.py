@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from drpo.methods.base import Method, PromptBatch
-from drpo.ranking import select_anchors
+from drpo.ranking import drop_tied_anchors, select_anchors
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,19 @@ class DPO(Method):
             metadata = None if batch.metadata is None else [batch.metadata] * k
             scores = self.reward.score(gen.decode(latents.detach()), [batch.prompt] * k, metadata)
         pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
-        chosen = latents.detach()[pos[0].to(latents.device)]
-        rejected = latents.detach()[neg[0].to(latents.device)]
-        reference = batch.reference.to(latents.device, latents.dtype)
-        logit = dpo_logit(latents, reference, chosen, rejected, s.beta)
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),
             "reward_top": scores[pos[0]].mean().item(),
             "reward_bottom": scores[neg[0]].mean().item(),
-            "dpo_logit": logit.item(),
         }
+        pos, neg = drop_tied_anchors(scores, pos[0], neg[0])  # as DrPO: no preference between equals
+        logs["tied"] = float(len(pos) == 0)
+        if len(pos) == 0:
+            return latents.sum() * 0.0, logs
+        chosen = latents.detach()[pos.to(latents.device)]
+        rejected = latents.detach()[neg.to(latents.device)]
+        reference = batch.reference.to(latents.device, latents.dtype)
+        logit = dpo_logit(latents, reference, chosen, rejected, s.beta)
+        logs["dpo_logit"] = logit.item()
         return -F.logsigmoid(logit), logs

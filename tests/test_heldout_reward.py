@@ -70,20 +70,17 @@ def test_ci_builds_its_own_heldout_reward():
     assert config["miniature"]["heldout_reward"]["steps"] == 4
 
 
-def test_paper_presets_do_not_inherit_the_miniature_scorers():
+def test_paper_presets_do_not_inherit_the_miniature_heldout_reward():
     for preset in ("sd-turbo", "sdxl-turbo"):
         # Snakemake merges --configfile files over config.yaml key by key, as drpo.config.merge does.
         config = merge(_yaml("config.yaml"), _yaml(f"configs/{preset}.yaml"))
         assert config["world"]["enabled"] is False
         assert config["evaluate"]["rewards"]["heldout"] is None, preset
-        assert config["evaluate"]["rewards"]["pickscore"] is None, preset
         assert not any("resources/miniature" in str(asset.path) for asset in required_assets(config)), preset
 
 
-def test_default_ranks_by_the_detector_and_compare_by_the_clip_reward():
-    default = validate_config(_yaml("config.yaml"))
-    assert default["models"]["reward"] == {"name": "geneval_lite"}
-    assert default["evaluate"]["rewards"]["pickscore"]["path"] == "resources/miniature/reward"
-    compare = validate_config(merge(_yaml("config.yaml"), _yaml("configs/compare.yaml")))
-    assert compare["models"]["reward"] == {"name": "pickscore", "path": "resources/miniature/reward"}
-    assert compare["evaluate"]["rewards"]["pickscore"] is None and compare["drpo"]["reference_loss_weight"] == 0.2
+def test_geneval_reward_preset_ranks_by_the_detector_and_scores_the_clip_reward():
+    config = validate_config(merge(_yaml("config.yaml"), _yaml("configs/geneval-reward.yaml")))
+    assert config["models"]["reward"] == {"name": "geneval_lite", "path": None}
+    assert config["evaluate"]["rewards"]["pickscore"]["path"] == "resources/miniature/reward"
+    assert config["drpo"]["reference_loss_weight"] == 0.0 and config["train"]["balance_tags"] is False

@@ -30,14 +30,9 @@ def eval_reward_path(label):
     """The folder of a miniature CLIP scorer that evaluation reads as evaluate.rewards.<label> (built by a
     miniature_* rule), or None: when the world is off, or that reward is not a pickscore folder."""
     spec = config["evaluate"]["rewards"].get(label)
-    if not config["world"]["enabled"] or not spec or spec.get("name", label) != "pickscore" or not spec.get("path"):
+    if not config["world"]["enabled"] or not spec or spec.get("name", label) != "pickscore":
         return None
-    return spec["path"]
-
-
-def heldout_reward_path():
-    """The folder of the miniature's held-out CLIP scorer (rule miniature_heldout_reward), or None."""
-    return eval_reward_path("heldout")
+    return spec.get("path")
 
 
 def model_inputs(wildcards=None):

@@ -3,9 +3,10 @@
 
 def evaluate_inputs(wildcards):
     inputs = dict(model_inputs(), prompts=test_prompts())
-    for label in config["evaluate"]["rewards"]:  # scorers that only evaluation reads (held-out, or the CLIP
-        if eval_reward_path(label):  # reward when the target is the detector)
-            inputs[f"reward_{label}"] = eval_reward_path(label) + "/config.json"
+    # Scorers that only evaluation reads: the held-out one, and the CLIP reward when the target is the detector.
+    for label in config["evaluate"]["rewards"]:
+        if path := eval_reward_path(label):
+            inputs[f"reward_{label}"] = path + "/config.json"
     if wildcards.method != "base":
         inputs["done"] = RUN.format(method=wildcards.method, seed=wildcards.seed) + "/train_done.json"
     return inputs

@@ -48,7 +48,8 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoi
 
 
 # The miniature's CLIP reward is built where the target reward reads it or, when the target needs no model
-# folder (geneval_lite, the default; an ensemble), where evaluation reads it as evaluate.rewards.pickscore.
+# folder (geneval_lite in configs/geneval-reward.yaml; an ensemble), where evaluation reads it as
+# evaluate.rewards.pickscore.
 REWARD_PATH = None
 if config["world"]["enabled"]:
     REWARD_PATH = config["models"]["reward"].get("path") or eval_reward_path("pickscore")
@@ -67,11 +68,11 @@ if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
             "../scripts/miniature.py"
 
 
-# The held-out scorer is built where evaluation reads it, evaluate.rewards.heldout.path (heldout_reward_path
+# The held-out scorer is built where evaluation reads it, evaluate.rewards.heldout.path (eval_reward_path
 # in common.smk), not at a folder derived from the generator's as AUTOENCODER is: the rule's output is then
 # the very file the evaluate rule depends on (model_inputs) wherever a config puts it, and there is no rule
 # when no held-out scorer is configured (paper presets: heldout: null).
-HELDOUT_REWARD = heldout_reward_path()
+HELDOUT_REWARD = eval_reward_path("heldout")
 
 if HELDOUT_REWARD and build_rule_wanted(HELDOUT_REWARD + "/config.json"):
 

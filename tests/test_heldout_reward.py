@@ -1,5 +1,6 @@
-"""The miniature's held-out reward: a second CLIP scorer, built by the same trainer with its own seed and
-architecture, read by evaluation as evaluate.rewards.heldout; the paper presets switch it off."""
+"""The miniature's evaluation rewards: the held-out CLIP scorer (built by the same trainer with its own seed
+and architecture, read as evaluate.rewards.heldout) and the CLIP reward, which the default scores beside its
+detector target and the CLIP-target presets rank by; the paper presets switch both off."""
 
 import json
 from pathlib import Path
@@ -76,11 +77,21 @@ def test_paper_presets_do_not_inherit_the_miniature_heldout_reward():
         config = merge(_yaml("config.yaml"), _yaml(f"configs/{preset}.yaml"))
         assert config["world"]["enabled"] is False
         assert config["evaluate"]["rewards"]["heldout"] is None, preset
+        assert config["evaluate"]["rewards"]["pickscore"] is None, preset
         assert not any("resources/miniature" in str(asset.path) for asset in required_assets(config)), preset
 
 
-def test_geneval_reward_preset_ranks_by_the_detector_and_scores_the_clip_reward():
-    config = validate_config(merge(_yaml("config.yaml"), _yaml("configs/geneval-reward.yaml")))
+def test_the_default_ranks_by_the_detector_and_scores_the_clip_reward():
+    config = validate_config(_yaml("config.yaml"))
     assert config["models"]["reward"] == {"name": "geneval_lite", "path": None}
     assert config["evaluate"]["rewards"]["pickscore"]["path"] == "resources/miniature/reward"
     assert config["drpo"]["reference_loss_weight"] == 0.0 and config["train"]["balance_tags"] is False
+
+
+def test_clip_target_presets_rank_by_the_clip_reward_and_do_not_score_it_twice():
+    for preset in ("pickscore", "compare"):
+        config = validate_config(merge(_yaml("config.yaml"), _yaml(f"configs/{preset}.yaml")))
+        assert config["models"]["reward"] == {"name": "pickscore", "path": "resources/miniature/reward"}
+        assert config["evaluate"]["rewards"]["pickscore"] is None, preset
+        assert config["drpo"]["reference_loss_weight"] == 0.2 and config["train"]["balance_tags"] is True
+        assert config["train"]["prompts_per_step"] == 2, preset

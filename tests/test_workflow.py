@@ -77,15 +77,25 @@ def test_a_mistyped_key_stops_the_run_and_is_named(tmp_path):
     assert "learning_rte" in output and "Additional properties" in output
 
 
-def test_the_detector_preset_builds_the_clip_reward_where_evaluation_reads_it(tmp_path):
+def test_the_default_builds_the_clip_reward_where_evaluation_reads_it(tmp_path):
     # A model-free target (geneval_lite): the miniature's CLIP reward is then built for evaluation only.
     override = tmp_path / "override.yaml"
     clip = tmp_path / "clip_reward"
     override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"),
                                         "evaluate": {"rewards": {"pickscore": {"path": str(clip)}}}}))
-    result = _dry_run(tmp_path, REPO / "config.yaml", REPO / "configs" / "geneval-reward.yaml", override)
+    result = _dry_run(tmp_path, REPO / "config.yaml", override)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _job_counts(result.stdout)
     assert jobs["miniature_reward"] == 1 and f"{clip}/config.json" in result.stdout
-    preset = yaml.safe_load((REPO / "configs" / "geneval-reward.yaml").read_text())["train"]
-    assert jobs["evaluate"] == 1 + len(preset["seeds"]) * 3  # base + checkpoints 50, 100, 150
+    train = yaml.safe_load((REPO / "config.yaml").read_text())["train"]
+    assert jobs["evaluate"] == 1 + len(train["seeds"]) * (train["steps"] // train["checkpoint_every"])
+
+
+def test_the_pickscore_preset_builds_its_target_and_no_evaluation_copy(tmp_path):
+    override = tmp_path / "override.yaml"
+    clip = tmp_path / "clip_reward"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"),
+                                        "models": {"reward": {"path": str(clip)}}}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", REPO / "configs" / "pickscore.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _job_counts(result.stdout)["miniature_reward"] == 1 and f"{clip}/config.json" in result.stdout

@@ -48,7 +48,7 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoi
 
 
 # The miniature's CLIP reward is built where the target reward reads it or, when the target needs no model
-# folder (geneval_lite in configs/geneval-reward.yaml; an ensemble), where evaluation reads it as
+# folder (geneval_lite, the default target; an ensemble), where evaluation reads it as
 # evaluate.rewards.pickscore.
 REWARD_PATH = None
 if config["world"]["enabled"]:

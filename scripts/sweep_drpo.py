@@ -6,7 +6,8 @@ The README's "What moves GenEval-lite here" tables come from these variants, run
 
     python scripts/sweep_drpo.py --sweep features --jobs 12 --out /tmp/sweep   # one seed per variant
     python scripts/sweep_drpo.py --sweep detector --jobs 10 --out /tmp/sweep   # λ x 3 seeds, detector reward
-    python scripts/sweep_drpo.py --sweep uniform --jobs 2 --out /tmp/sweep     # the default's setting, 3 seeds
+    python scripts/sweep_drpo.py --sweep uniform --jobs 2 --out /tmp/sweep     # the previous detector recipe
+    python scripts/sweep_drpo.py --sweep batch --jobs 2 --out /tmp/sweep       # 8 prompts per update, seeds 100-102
 
 Each variant overrides the resolved config of the default run (results/runs/drpo/seed0/config.resolved.yaml,
 so run `make run` first) with its target reward, λ, feature keys, updates, prompts per update, learning rate
@@ -56,9 +57,15 @@ SWEEPS = {
     ],
     "detector": [variant(f"det_mae_l{lam}_s{seed}", MAE, DETECTOR, lam, seed=seed)
                  for seed in (0, 1, 2) for lam in (0.0, 0.05, 0.2)],
-    # The default run's setting: prompts cycled uniformly instead of an equal share per tag.
+    # The previous detector recipe: prompts cycled uniformly instead of an equal share per tag.
     "uniform": [variant(f"det_mae_l0_uniform_s{seed}", MAE, DETECTOR, 0.0, seed=seed, steps=150, balanced=False)
                 for seed in (0, 1, 2)],
+    # 8 prompts per update, on training seeds the tables do not report (the first variant is the default run's).
+    "batch": [v for seed in (100, 101, 102) for v in (
+        variant(f"det_mae_l0_b8_uniform_s{seed}", MAE, DETECTOR, 0.0, seed=seed, steps=75, prompts=8, balanced=False),
+        variant(f"det_mae_l0_b8_equal_s{seed}", MAE, DETECTOR, 0.0, seed=seed, steps=75, prompts=8),
+        variant(f"clip_mae_l0.2_b8_s{seed}", seed=seed, steps=75, prompts=8),
+        variant(f"clip_mae_l0_b8_s{seed}", lam=0.0, seed=seed, steps=75, prompts=8))],
 }
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -24,22 +23,9 @@ from drpo.evaluate import sample_latents
 from drpo.generators import load_generator
 from drpo.lora import load_lora
 from drpo.pipeline import read_rows
-from drpo.world.detect import detect
+from drpo.world.detect import object_counts
 from drpo.world.prompts import TAGS
 from drpo.world.spec import WorldSpec
-
-
-def object_counts(generator, rows, seeds, spec: WorldSpec) -> dict[str, tuple[float, float]]:
-    """{tag: (mean objects per image, share of images with more objects than asked)}."""
-    with torch.no_grad():
-        latents = sample_latents(generator, [row["prompt"] for row in rows], seeds, batch_size=256)
-        images = torch.cat([generator.to_uint8(generator.decode(latents[i:i + 256]))
-                            for i in range(0, len(latents), 256)]).numpy()
-    found = np.array([len(detect(image, spec)) for image in images]).reshape(len(rows), len(seeds))
-    asked = np.array([sum(entry["count"] for entry in row["include"]) for row in rows])[:, None]
-    tags = np.array([row["tag"] for row in rows])
-    return {tag: (float(found[tags == tag].mean()), float((found > asked)[tags == tag].mean()))
-            for tag in TAGS if (tags == tag).any()}
 
 
 def main() -> None:
@@ -63,10 +49,14 @@ def main() -> None:
         generator = load_generator(generator_spec["path"], generator_spec["kind"], device="cpu")
         if checkpoint is not None:
             load_lora(generator.unet, checkpoint)
-        counts = object_counts(generator, rows, seeds, spec)
+        with torch.no_grad():
+            latents = sample_latents(generator, [row["prompt"] for row in rows], seeds, batch_size=256)
+            images = torch.cat([generator.to_uint8(generator.decode(latents[i:i + 256]))
+                                for i in range(0, len(latents), 256)]).numpy()
+        counts = object_counts(images, [row for row in rows for _ in seeds], spec)  # prompt-major, as sampled
         name = "base" if checkpoint is None else f"{checkpoint.parents[1].name} {checkpoint.name}"
-        print(f"{name:28s}", "  ".join(f"{tag} {mean:.2f} ({100 * extra:.0f} % extra)"
-                                       for tag, (mean, extra) in counts.items()), flush=True)
+        print(f"{name:28s}", "  ".join(f"{tag} {counts[tag][0]:.2f} ({100 * counts[tag][1]:.0f} % extra)"
+                                       for tag in TAGS if tag in counts), flush=True)
 
 
 if __name__ == "__main__":

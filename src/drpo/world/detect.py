@@ -289,3 +289,19 @@ def judge_detections(detections: list[Detection], row: dict[str, Any], spec: Wor
 def judge(image: np.ndarray, row: dict[str, Any], spec: WorldSpec) -> tuple[bool, str]:
     """Is `image` a correct rendition of the GenEval metadata `row`? (correct, reason); see judge_detections."""
     return judge_detections(detect(image, spec), row, spec)
+
+
+def object_counts(images, rows: list[dict[str, Any]], spec: WorldSpec) -> dict[str, tuple[float, float]]:
+    """Per GenEval tag: (mean objects detected per image, share of images with more objects than the row asks).
+
+    `images`: (H, W, 3) uint8 images, one per row. A row asks for the sum of its include counts. GenEval's
+    semantics pass an included object present *at least* so many times, so a generator rewarded by the judge
+    can gain by drawing extra shapes; this measures it.
+    """
+    found: dict[str, list[int]] = {}
+    extra: dict[str, list[bool]] = {}
+    for image, row in zip(images, rows, strict=True):
+        n = len(detect(image, spec))
+        found.setdefault(row["tag"], []).append(n)
+        extra.setdefault(row["tag"], []).append(n > sum(entry["count"] for entry in row["include"]))
+    return {tag: (float(np.mean(found[tag])), float(np.mean(extra[tag]))) for tag in found}

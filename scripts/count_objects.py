@@ -51,8 +51,7 @@ def main() -> None:
             load_lora(generator.unet, checkpoint)
         with torch.no_grad():
             latents = sample_latents(generator, [row["prompt"] for row in rows], seeds, batch_size=256)
-            images = torch.cat([generator.to_uint8(generator.decode(latents[i:i + 256]))
-                                for i in range(0, len(latents), 256)]).numpy()
+            images = generator.to_uint8(generator.decode(latents, chunk_size=256)).numpy()
         counts = object_counts(images, [row for row in rows for _ in seeds], spec)  # prompt-major, as sampled
         name = "base" if checkpoint is None else f"{checkpoint.parents[1].name} {checkpoint.name}"
         print(f"{name:28s}", "  ".join(f"{tag} {counts[tag][0]:.2f} ({100 * counts[tag][1]:.0f} % extra)"

@@ -6,7 +6,8 @@ feature key layer4_mean_2 has 16 tokens per sample, so X is 384 points, the anch
 
 * pref: the preference drift of one key (targets [X; Q; P] = 640 points), forward and backward into X;
 * ref: the reference drift of one key (targets [X; sg(X); XR] = 1152 points, self mask), forward and backward;
-* objective: drpo_objective over the six SD-Turbo keys (1, 1, 16, 16, 4, 4 tokens), reference weight 0.2.
+* objective: DrPO's objective (drpo.methods.drpo.preference_loss) over the six SD-Turbo keys (1, 1, 16, 16, 4, 4
+  tokens), with the settings of ``--config`` (default: the SD-Turbo preset, reference weight 0.2).
 
 Per case: median seconds over ``--repeats`` calls after one warm-up, peak memory of a call
 (drpo.cost.profile.peak_memory), and the largest relative difference of loss and gradient between the two
@@ -30,11 +31,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from drpo.config import load_config
 from drpo.cost.architectures import MAE_WIDTHS
-from drpo.cost.profile import UpdateSettings, drpo_loss, peak_memory
+from drpo.cost.profile import peak_memory
 from drpo.drift import drift_loss
 from drpo.features import SD_TURBO_MAE_KEYS, parse_feature_key
-from drpo.methods.drpo import DrPOSettings
+from drpo.methods.base import settings_from_section
+from drpo.methods.drpo import DrPOSettings, preference_loss
+
+REPO = Path(__file__).resolve().parents[1]
 
 LATENT_SIDE = 64  # 512 px / VAE factor 8
 LAYER4_SIDE = LATENT_SIDE // 8  # layer 4 of the MAE is downsampled 8x: 8 x 8
@@ -105,12 +110,16 @@ def cases(k: int, pos: int, neg: int, tokens: int, dim: int, device: torch.devic
     xr = (x.cpu() + 0.5 * torch.randn(k * tokens, dim, generator=g)).to(device)
     p, q = x[: pos * tokens] + 0.1, x[-neg * tokens:] - 0.1
     w, radii = settings.positive_weight, settings.radii
+    if settings.kernel not in ("laplacian", "exponential") or {settings.negative_weight, settings.reference_weight,
+                                                                settings.reference_negative_weight} != {w}:
+        raise ValueError("the plain transcription covers the laplacian kernel with one weight for every anchor")
     out = {
         "pref": (_with_grad(lambda v: drift_loss(v[None], p[None], q[None], positive_weight=w, negative_weight=w,
-                                                 radii=radii)[0].sum(), x),
+                                                 radii=radii, kernel=settings.kernel)[0].sum(), x),
                  _with_grad(lambda v: plain_drift_loss(v, p, q, w, w, radii), x)),
         "ref": (_with_grad(lambda v: drift_loss(v[None], xr[None], v.detach()[None], positive_weight=w,
-                                                negative_weight=w, radii=radii, mask_negative_self=True)[0].sum(), x),
+                                                negative_weight=w, radii=radii, kernel=settings.kernel,
+                                                mask_negative_self=True)[0].sum(), x),
                 _with_grad(lambda v: plain_drift_loss(v, xr, v.detach(), w, w, radii, True), x)),
     }
     feats = {key: torch.randn(k, _tokens(key), dim, generator=g).to(device) for key in SD_TURBO_MAE_KEYS}
@@ -135,22 +144,30 @@ def cases(k: int, pos: int, neg: int, tokens: int, dim: int, device: torch.devic
             return torch.cat([loss.detach().reshape(1)] + [v.grad.flatten() for v in leaves.values()])
         return call
 
-    out["objective (6 keys)"] = (objective(lambda f: drpo_loss(f, refs, positives, negatives, settings)),
-                                 objective(plain_objective))
+    def ours(values: dict[str, Tensor]) -> Tensor:
+        negative_features = {key: v.detach()[negatives] for key, v in values.items()}
+        return preference_loss(settings, values, refs if settings.reference_loss_weight else None, positives,
+                               negative_features)
+
+    out["objective (6 keys)"] = (objective(ours), objective(plain_objective))
     return out
 
 
-def update_flop_share(settings: DrPOSettings) -> float:
-    """FLOPs of drpo_objective / FLOPs of a DrPO micro-step, SD-Turbo + HPSv3 at paper size (meta device)."""
-    from drpo.cost.flops import micro_step_flops, paper_models
+def update_flop_share(settings: DrPOSettings, candidates: int) -> float:
+    """FLOPs of DrPO's objective / FLOPs of a DrPO micro-step, SD-Turbo + HPSv3 at paper size (meta device)."""
+    from drpo.cost.flops import UpdateShape, micro_step_flops, paper_models
 
-    flops = micro_step_flops("drpo", paper_models("sd-turbo", "hpsv3"), UpdateSettings(drpo=settings))
+    shape = UpdateShape(processes=1, accumulation=1, candidates=candidates, drpo=settings, online_reference=True,
+                        reward_checkpointing=False)
+    flops = micro_step_flops("drpo", paper_models("sd-turbo", "hpsv3"), shape)
     return flops["loss"] / sum(flops.values())
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", nargs="+", default=[str(REPO / "config.yaml"), str(REPO / "configs/sd-turbo.yaml")],
+                        help="config files, each merged over the previous; DrPO's settings come from their drpo section")
     parser.add_argument("--candidates", type=int, default=24)
     parser.add_argument("--num-pos", type=int, default=8)
     parser.add_argument("--num-neg", type=int, default=8)
@@ -164,7 +181,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    settings = DrPOSettings(num_pos=args.num_pos, num_neg=args.num_neg)
+    drpo = load_config(*args.config)["drpo"] | {"num_pos": args.num_pos, "num_neg": args.num_neg}
+    settings = settings_from_section(DrPOSettings, drpo)
     rows = []
     for name, (ours, plain) in cases(args.candidates, args.num_pos, args.num_neg, args.tokens, args.dim, device,
                                      settings).items():
@@ -182,7 +200,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame.from_records(rows)
     if not args.no_share:
-        table.loc[table["case"].str.startswith("objective"), "update_flop_share"] = update_flop_share(settings)
+        share = update_flop_share(settings, args.candidates)
+        table.loc[table["case"].str.startswith("objective"), "update_flop_share"] = share
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,15 @@
 """Reproduce the paper's HPSv3 efficiency table on one GPU, without any weights.
 
 Random-initialised models at their real sizes in bf16 (SD-Turbo UNet with LoRA r16, SD VAE, OpenCLIP-H text
-encoder, HPSv3's Qwen2-VL-7B, PickScore's CLIP-H; the latent MAE-256 in fp32) run DrPO and DRaFT updates with
-the paper's per-component timing protocol (drpo.cost.profile), the two methods taking turns. One process does
-what one of the paper's four GPUs did: accumulation 2 x K = 24 candidates per update, DRaFT streaming one
-candidate at a time with the reward checkpointed. Below 100 GiB of GPU memory the UNet is checkpointed too (for
-both methods), as DrPO's 24 UNet forwards kept for backward do not fit next to HPSv3 on an 80 GB card. The CSV
-(device name, per method and component: median, min, max seconds, peak memory) is rewritten after each reward,
-and no update starts after --max-minutes, so a long run keeps what it measured.
+encoder, HPSv3's Qwen2-VL-7B, PickScore's CLIP-H; the latent MAE-256 in fp32) run real DrPO and DRaFT updates
+(the training code's methods and update step, built from the config) under the paper's per-component timing
+protocol (drpo.cost.profile), the two methods taking turns. One process does what one of the paper's four GPUs
+did: the config's ``cost.analytic`` protocol (accumulation 2 x K = 24 candidates per update, DrPO anchors 12 / 12),
+DrPO without its reference drift (λ 0, as the paper's profiler adds none), DRaFT streaming one candidate per
+backward with decode and reward recomputed in its backward pass. Below 100 GiB of GPU memory the UNet is
+checkpointed too (for both methods), as DrPO's 24 UNet forwards kept for backward do not fit next to HPSv3 on an
+80 GB card. The CSV (device name, per method and component: median, min, max seconds, peak memory) is rewritten
+after each reward, and no update starts after --max-minutes, so a long run keeps what it measured.
 
     python scripts/profile_gpu.py --out results/cost/gpu_profile.csv      # one H100: about 5 minutes
     python scripts/profile_gpu.py --tiny --out /tmp/gpu_tiny.csv           # CPU smoke test, seconds
@@ -24,37 +26,41 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from drpo.config import load_config, merge
 from drpo.cost.architectures import TINY, build_generator, build_mae, build_reward
-from drpo.cost.profile import METHODS, Models, UpdateSettings, device_name, profile_updates, summarize
-from drpo.methods.drpo import DrPOSettings
+from drpo.cost.profile import device_name, profile_updates, summarize
+from drpo.methods import build_method
+from drpo.reference import OnlineReference
+from drpo.train import TrainSettings
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "a photo of an astronaut riding a horse on the moon",
     "a watercolor painting of a fox in a snowy forest",
     "a close-up portrait of an old fisherman, dramatic lighting",
     "a cozy cabin by a lake at sunset, highly detailed",
 ]
-DEFAULTS = {"candidates": 24, "accumulation": 2, "num_pos": 12, "num_neg": 12, "warmup": 1, "updates": 3}
-TINY_DEFAULTS = {"candidates": 4, "accumulation": 1, "num_pos": 1, "num_neg": 1, "warmup": 0, "updates": 1}
+METHODS = ("drpo", "draft")
+TINY_PROTOCOL = {"candidates": 4, "accumulation": 1, "num_pos": 1, "num_neg": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="CSV to write (one row per setting, method and component)")
+    parser.add_argument("--config", nargs="+", default=[str(REPO / "config.yaml"), str(REPO / "configs/sd-turbo.yaml")],
+                        help="config files, each merged over the previous (the methods' settings, cost.analytic)")
     parser.add_argument("--generator", default="sd-turbo", choices=["sd-turbo", "sdxl-turbo"])
     parser.add_argument("--rewards", nargs="+", default=["hpsv3", "pickscore"], choices=["hpsv3", "pickscore"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--candidates", type=int, help="K per prompt (paper: 24; --tiny: 4)")
-    parser.add_argument("--accumulation", type=int, help="prompts per update (paper: 2 per GPU; --tiny: 1)")
-    parser.add_argument("--num-pos", type=int, help="DrPO positives (paper profile: 12; --tiny: 1)")
-    parser.add_argument("--num-neg", type=int, help="DrPO negatives (paper profile: 12; --tiny: 1)")
-    parser.add_argument("--warmup", type=int, help="updates run before timing (1; --tiny: 0)")
-    parser.add_argument("--updates", type=int, help="timed updates per method (3; --tiny: 1)")
+    parser.add_argument("--candidates", type=int, help="K per prompt (default: cost.analytic; --tiny: 4)")
+    parser.add_argument("--accumulation", type=int, help="prompts per update (default: cost.analytic; --tiny: 1)")
+    parser.add_argument("--num-pos", type=int, help="DrPO positives (default: cost.analytic; --tiny: 1)")
+    parser.add_argument("--num-neg", type=int, help="DrPO negatives (default: cost.analytic; --tiny: 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="updates run before timing")
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per method")
     parser.add_argument("--draft-chunk", type=int, default=1, help="DRaFT candidates per backward (paper: 1)")
-    parser.add_argument("--decode-chunk", type=int, default=1, help="images per VAE decode call (paper: 1)")
+    parser.add_argument("--decode-chunk", type=int, default=1, help="DRaFT images per VAE decode call (paper: 1)")
     parser.add_argument("--reward-batch", type=int, default=1, help="images per reward call (paper: 1)")
-    parser.add_argument("--no-reward-checkpointing", action="store_true",
-                        help="DRaFT without activation checkpointing of the reward (paper: on)")
     parser.add_argument("--unet-checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="activation checkpointing of the UNet, for both methods; auto: on below 100 GiB of GPU "
                              "memory (DrPO keeps 24 UNet forwards for backward: ~60 GiB next to HPSv3's ~16 GiB)")
@@ -62,30 +68,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop starting new updates after this many minutes (the CSV keeps finished blocks)")
     parser.add_argument("--tiny", action="store_true", help="tiny stand-in models on the CPU (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for key, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return parser.parse_args(argv)
 
 
-def profile_reward(models: Models, settings: UpdateSettings, args: argparse.Namespace,
-                   deadline: float) -> pd.DataFrame | None:
+def profiled_config(args: argparse.Namespace) -> dict:
+    """The config with the profiling protocol: cost.analytic's (or --tiny's) K, accumulation and anchors,
+    overridden by the command line, one process, DrPO without reference drift, DRaFT's chunks."""
+    config = load_config(*args.config)
+    protocol = {key: config["cost"]["analytic"][key] for key in TINY_PROTOCOL}
+    protocol |= TINY_PROTOCOL if args.tiny else {}
+    protocol |= {key: value for key in TINY_PROTOCOL if (value := getattr(args, key)) is not None}
+    return merge(config, {
+        "device": "cpu" if args.tiny else "cuda",
+        "train": {"candidates": protocol["candidates"], "prompts_per_step": protocol["accumulation"],
+                  "processes": 1, "mixed_precision": "no"},
+        "drpo": {"num_pos": protocol["num_pos"], "num_neg": protocol["num_neg"], "reference_loss_weight": 0.0},
+        "draft": {"candidates_per_backward": args.draft_chunk, "decode_chunk_size": args.decode_chunk},
+    })
+
+
+def profile_reward(methods: list, params: list, source: OnlineReference, settings: TrainSettings,
+                   args: argparse.Namespace, deadline: float) -> pd.DataFrame | None:
     """Summary of interleaved DrPO / DRaFT updates with one reward, or None if they ran out of GPU memory."""
+    reward = methods[0].reward
     began = time.monotonic()
     try:
-        timings = profile_updates([(m, settings) for m in args.methods], models, PROMPTS, warmup=args.warmup,
-                                  updates=args.updates, seed=args.seed, deadline=deadline)
+        timings = profile_updates(methods, params, source, settings, warmup=args.warmup, updates=args.updates,
+                                  online_reference=True, deadline=deadline)
     except torch.OutOfMemoryError as error:
-        print(f"{models.reward.name}: out of memory ({error}); skipped", flush=True)
+        print(f"{reward.name}: out of memory ({error}); skipped", flush=True)
         return None
     summary = summarize(timings)
     for method, part in summary.groupby("method", sort=False):
         update = part.set_index("component").loc["update"]
-        print(f"{models.reward.name} {method}: median update {update['median_s']:.2f} s (min {update['min_s']:.2f}, "
+        print(f"{reward.name} {method}: median update {update['median_s']:.2f} s (min {update['min_s']:.2f}, "
               f"max {update['max_s']:.2f}, {update['updates']} updates), peak {update['peak_memory_gb']:.1f} GiB",
               flush=True)
-    print(f"{models.reward.name}: {time.monotonic() - began:.0f} s", flush=True)
+    print(f"{reward.name}: {time.monotonic() - began:.0f} s", flush=True)
     return summary
 
 
@@ -96,17 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: CUDA is not available on this machine; scripts/profile_gpu.py needs a GPU "
               "(use --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.tiny else "cuda")
+    config = profiled_config(args)
+    device = torch.device(config["device"])
     if args.tiny:
         torch.set_num_threads(1)  # tiny models on a shared CPU: more threads only contend
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sizes = TINY if args.tiny else {}
-    settings = UpdateSettings(
-        candidates=args.candidates, accumulation=args.accumulation, processes=1,
-        drpo=DrPOSettings(num_pos=args.num_pos, num_neg=args.num_neg), online_reference=True,
-        decode_chunk=args.decode_chunk, draft_chunk=args.draft_chunk,
-        reward_checkpointing=not args.no_reward_checkpointing,
-    )
+    settings = TrainSettings.from_config(config["train"], args.seed)
     torch.manual_seed(args.seed)
     generator, params = build_generator(args.generator, device=device, dtype=dtype, **sizes.get("generator", {}))
     unet_checkpointing = args.unet_checkpointing == "on" or (
@@ -115,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if unet_checkpointing:
         generator.unet.enable_gradient_checkpointing()
     features = build_mae(device=device, **sizes.get("mae", {}))
+    source = OnlineReference(generator, PROMPTS, candidates=settings.candidates, seed=args.seed)
     name = device_name(device)
-    print(f"{name}: {args.generator}, {args.accumulation} x K={args.candidates} per update, "
+    print(f"{name}: {args.generator}, {settings.prompts_per_step} x K={settings.candidates} per update, "
           f"{args.warmup} warm-up + {args.updates} timed updates per method, UNet checkpointing "
           f"{'on' if unet_checkpointing else 'off'}", flush=True)
 
@@ -129,15 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             break
         reward = build_reward(reward_name, device=device, dtype=dtype, batch_size=args.reward_batch,
                               **sizes.get(reward_name, {}))
-        summary = profile_reward(Models(generator, params, reward, features), settings, args, deadline)
+        methods = [build_method(method, generator, reward, features, config) for method in args.methods]
+        summary = profile_reward(methods, params, source, settings, args, deadline)
         if summary is not None:
-            setting = (f"gpu profile: {args.generator} + {reward_name}, {args.accumulation} x K={args.candidates}, "
-                       f"DRaFT reward ckpt {'on' if settings.reward_checkpointing else 'off'}, UNet ckpt "
+            setting = (f"gpu profile: {args.generator} + {reward_name}, {settings.prompts_per_step} x "
+                       f"K={settings.candidates}, DRaFT {args.draft_chunk} per backward, UNet ckpt "
                        f"{'on' if unet_checkpointing else 'off'}")
             blocks.append(summary.assign(setting=setting, device=name, dtype=str(dtype).removeprefix("torch."),
                                          torch=torch.__version__))
             pd.concat(blocks, ignore_index=True).to_csv(out, index=False)
-        del reward
+        del reward, methods
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

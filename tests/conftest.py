@@ -50,4 +50,4 @@ def tiny_config(tiny_models, tmp_path) -> dict:
         "drpo": {"num_pos": 2, "num_neg": 2, "reference_loss_weight": 0.2},
         "evaluate": {"seeds": [1, 2], "batch_size": 8, "rewards": {"pickscore": None}},
     }
-    return load_config(repo / "config.yaml", overrides)
+    return load_config(repo / "config.yaml", overrides=overrides)

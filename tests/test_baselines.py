@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from drpo.config import merge
 from drpo.lora import add_lora
 from drpo.methods import build_method
 from drpo.methods.base import PromptBatch
 from drpo.methods.dpo import dpo_logit, set_score
-from drpo.methods.draft import DRaFT, DRaFTSettings, differentiable_scores
-from drpo.methods.drpo import DrPO, DrPOSettings
+from drpo.methods.draft import differentiable_scores
 from drpo.methods.grpo import neighbor_group, neighbor_grpo_loss, neighbor_log_probs, quasi_norm_advantages
-from drpo.methods.pso import PSO, PSOSettings, clipped_log_ratio, gaussian_log_prob, pso_loss
-from drpo.methods.vggflow import VGGFlow, VGGFlowSettings, clip_by_norm, reward_gradient, vggflow_target
+from drpo.methods.pso import clipped_log_ratio, gaussian_log_prob, pso_loss
+from drpo.methods.vggflow import clip_by_norm, reward_gradient, vggflow_target
 from drpo.pipeline import load_models
 from drpo.reference import build_reference_bank
 from drpo.rewards import Reward
@@ -201,7 +201,7 @@ def test_pso_gradient_vanishes_outside_the_clip_range_and_ties_give_zero_loss():
 def test_pso_scores_actions_around_the_sample_along_the_standardized_noise(tiny_config):
     generator, reward = _models(tiny_config)
     batch = _batch(generator, k=4)
-    _, logs = PSO(generator, reward, PSOSettings()).loss(batch)
+    _, logs = build_method("pso", generator, reward, None, tiny_config).loss(batch)
     dims = (1, 2, 3)
     unit = (batch.noise - batch.noise.mean(dims, keepdim=True)) / batch.noise.std(dims, keepdim=True, correction=0)
     expected = reward.score(generator.decode(batch.reference + 0.05 * unit), [batch.prompt] * 4)
@@ -211,7 +211,7 @@ def test_pso_scores_actions_around_the_sample_along_the_standardized_noise(tiny_
 
 def test_pso_odd_k_raises(tiny_config):
     generator, reward = _models(tiny_config)
-    method = PSO(generator, reward, PSOSettings())
+    method = build_method("pso", generator, reward, None, tiny_config)
     with pytest.raises(ValueError, match="K must be even, got K=3"):
         method.loss(_batch(generator, k=3))
 
@@ -226,7 +226,7 @@ def test_clip_by_norm_caps_large_gradients_only():
 
 def test_vggflow_target_is_reference_plus_scaled_clipped_reward_gradient(tiny_config):
     generator, reward = _models(tiny_config)
-    method = VGGFlow(generator, reward, VGGFlowSettings(decode_chunk_size=3))
+    method = build_method("vggflow", generator, reward, None, merge(tiny_config, {"vggflow": {"decode_chunk_size": 3}}))
     batch = _batch(generator, k=4)
     latents = generator.sample(generator.encode_prompts([batch.prompt]), batch.noise, adapters=False)
     scores, g = reward_gradient(generator, reward, latents, batch.prompt, None, score_scale=100.0, chunk_size=3)
@@ -253,8 +253,7 @@ def test_vggflow_target_is_reference_plus_scaled_clipped_reward_gradient(tiny_co
 
 def test_vggflow_threshold_becomes_the_quantile_of_the_update_norms(tiny_config):
     generator, reward = _models(tiny_config)
-    config = tiny_config | {"train": tiny_config["train"] | {"prompts_per_step": 2}}
-    method = build_method("vggflow", generator, reward, None, config)
+    method = build_method("vggflow", generator, reward, None, tiny_config)
     batches = [_batch(generator, prompt=PROMPTS[i], seed=i) for i in range(3)]
     norms = []
     for b in batches[:2]:
@@ -263,10 +262,12 @@ def test_vggflow_threshold_becomes_the_quantile_of_the_update_norms(tiny_config)
         norms.append(g.flatten(1).norm(dim=1))
     expected = torch.quantile(torch.cat(norms), 0.8).item()
 
-    logs = [method.loss(b)[1] for b in batches]
+    logs = [method.loss(b)[1] for b in batches[:2]]
+    method.end_update()  # the shared loop calls it after the optimizer step
+    logs.append(method.loss(batches[2])[1])
     # Both micro-steps of update 1 use the initial tau; tau changes only once the update is complete.
     assert [entry["clip_threshold"] for entry in logs] == [1.0, 1.0, pytest.approx(expected, rel=1e-4)]
-    restored = build_method("vggflow", generator, reward, None, config)
+    restored = build_method("vggflow", generator, reward, None, tiny_config)
     restored.load_state_dict(method.state_dict())
     assert restored.clip_threshold == method.clip_threshold == pytest.approx(expected, rel=1e-4)
 
@@ -275,7 +276,7 @@ def test_vggflow_threshold_becomes_the_quantile_of_the_update_norms(tiny_config)
 def test_draft_gradient_step_increases_the_reward(tiny_config):
     generator, reward = _models(tiny_config)
     params = add_lora(generator.unet, rank=4, alpha=4)
-    method = DRaFT(generator, reward, DRaFTSettings(decode_chunk_size=3))
+    method = build_method("draft", generator, reward, None, merge(tiny_config, {"draft": {"decode_chunk_size": 3}}))
     batch = _batch(generator, k=4)
 
     def mean_reward() -> float:
@@ -319,7 +320,7 @@ def test_reward_gradient_methods_refuse_a_non_differentiable_reward(tiny_config,
 def test_ranking_methods_accept_a_non_differentiable_reward(tiny_config):
     generator, _ = _models(tiny_config)
     add_lora(generator.unet, rank=4, alpha=4)
-    DrPO(generator, Brightness(), None, DrPOSettings())
+    build_method("drpo", generator, Brightness(), None, tiny_config)
     config = tiny_config | {"dpo": {"num_pos": 1, "num_neg": 1, "beta": 30.0}}
     for name in ("dpo", "grpo", "pso"):
         method = build_method(name, generator, Brightness(), None, config)

@@ -16,20 +16,26 @@ from drpo.cost.architectures import (
     build_hpsv3,
     build_pickscore,
 )
-from drpo.cost.flops import analytic_table, count, micro_step_flops, paper_models, speedups
-from drpo.cost.profile import COMPONENTS, Models, UpdateSettings, peak_memory, profile_updates, summarize
-from drpo.cost.report import PAPER, cost_table, measure_miniature, write_report
+from drpo.config import load_config, merge
+from drpo.cost.flops import Models, UpdateShape, analytic_table, count, micro_step_flops, paper_models, speedups
+from drpo.cost.profile import SectionTimer, peak_memory, profile_updates, summarize
+from drpo.cost.report import PAPER, cost_table, drpo_settings, measure_miniature, write_report
 from drpo.drift import drift_loss
 from drpo.features import LatentMAEFeatures
 from drpo.generators import load_generator
 from drpo.lora import add_lora
-from drpo.methods.drpo import DrPOSettings
+from drpo.methods import build_method
+from drpo.methods.base import COMPONENTS
+from drpo.reference import OnlineReference, build_reference_bank
 from drpo.rewards import PickScoreReward
+from drpo.train import TrainSettings, prompt_batches, update
 
 from conftest import PROMPTS
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_UPDATE = UpdateSettings(candidates=4, accumulation=2, drpo=DrPOSettings(num_pos=1, num_neg=1))
+DEFAULT = load_config(REPO / "config.yaml")
+TINY_UPDATE = UpdateShape(processes=4, accumulation=2, candidates=4, drpo=drpo_settings(DEFAULT, 1, 1),
+                          online_reference=True, reward_checkpointing=True)
 
 
 def _load(path: Path, name: str):
@@ -87,7 +93,7 @@ def test_flops_of_the_two_methods_differ_only_where_the_reward_is_differentiated
     # checkpointing recomputes the reward's layers in backward: up to one extra reward forward
     extra = ckpt["backward"] - plain["backward"]
     assert 0.5 * drpo["reward_score"] < extra <= drpo["reward_score"]
-    doubled = micro_step_flops("drpo", models, UpdateSettings(candidates=8, drpo=DrPOSettings(num_pos=1, num_neg=1)))
+    doubled = micro_step_flops("drpo", models, replace(TINY_UPDATE, candidates=8))
     assert doubled["student_generate"] == 2 * drpo["student_generate"]
 
 
@@ -110,24 +116,80 @@ def tiny_cpu_models(tiny_models) -> Models:
     return Models(generator, params, reward, features)
 
 
+def _profiled(tiny_config, models, names, **draft):
+    """The methods and train settings the cost report would profile: the training code's, K = 4, 2 prompts."""
+    config = merge(tiny_config, {"train": {"candidates": 4, "prompts_per_step": 2},
+                                 "drpo": {"num_pos": 1, "num_neg": 1}, "draft": draft})
+    methods = [build_method(name, models.generator, models.reward, models.features, config) for name in names]
+    return methods, TrainSettings.from_config(config["train"], seed=0)
+
+
 @pytest.mark.parametrize("method", ["drpo", "draft"])
-def test_profiled_updates_time_every_component_and_train_the_lora(tiny_cpu_models, method):
+def test_profiled_updates_time_every_component_and_train_the_lora(tiny_config, tiny_cpu_models, method):
     before = [p.detach().clone() for p in tiny_cpu_models.params]
-    timings = profile_updates([(method, TINY_UPDATE)], tiny_cpu_models, PROMPTS, warmup=0, updates=2)
+    methods, settings = _profiled(tiny_config, tiny_cpu_models, [method])
+    source = OnlineReference(tiny_cpu_models.generator, PROMPTS, candidates=4, seed=0)
+    timings = profile_updates(methods, tiny_cpu_models.params, source, settings, warmup=0, updates=2,
+                              online_reference=True)
     summary = summarize(timings).set_index("component")
     assert list(summary.index) == [*COMPONENTS, "update"]
     assert (summary["updates"] == 2).all()
     ran = {"drpo": set(COMPONENTS), "draft": set(COMPONENTS) - {"rank_select", "features"}}[method]
     assert (summary.loc[sorted(ran), "min_s"] > 0).all()
     assert (summary.loc[sorted(set(COMPONENTS) - ran), "max_s"] == 0).all()
+    parts = summary.loc[list(COMPONENTS), "median_s"].sum()
+    assert parts <= summary.loc["update", "max_s"] * len(timings["update"].unique())  # sections never overlap
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny_cpu_models.params))
-    assert not tiny_cpu_models.reward.model.training  # checkpointing mode undone after DRaFT
+    assert methods[0].measure("loss").__class__.__name__ == "nullcontext"  # the timer is detached afterwards
 
 
-def test_bank_protocol_skips_the_reference_generation(tiny_cpu_models):
-    settings = replace(TINY_UPDATE, online_reference=False)
-    summary = summarize(profile_updates([("drpo", settings)], tiny_cpu_models, PROMPTS, warmup=0, updates=1))
+def test_the_timed_update_computes_the_methods_own_loss(tiny_config, tiny_cpu_models):
+    methods, settings = _profiled(tiny_config, tiny_cpu_models, ["drpo", "draft"])
+    source = OnlineReference(tiny_cpu_models.generator, PROMPTS, candidates=4, seed=0)
+    cells = [(0, 0), (1, 0)]  # the first profiled update: prompts 0 and 1, noise set 0
+    for method in methods:  # one at a time: each update moves the shared LoRA
+        losses = [method.loss(batch)[0].item() for batch in prompt_batches(source, cells, None)]
+        timings = profile_updates([method], tiny_cpu_models.params, source, settings, warmup=0, updates=1,
+                                  online_reference=True)
+        assert timings["loss"].iloc[0] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+def test_draft_streamed_one_candidate_per_backward_gives_the_same_update(tiny_config, tiny_cpu_models):
+    params = tiny_cpu_models.params
+    start = [p.detach().clone() for p in params]
+    bank = build_reference_bank(tiny_cpu_models.generator, PROMPTS[:2], candidates=4, noise_sets=1, seed=0)
+    steps = []
+    for chunk in (None, 1):
+        (method,), settings = _profiled(tiny_config, tiny_cpu_models, ["draft"], candidates_per_backward=chunk)
+        logs = update(method, prompt_batches(bank, [(0, 0), (1, 0)], None), params,
+                      torch.optim.SGD(params, lr=1.0), settings)
+        steps.append((torch.cat([(p - s).flatten() for p, s in zip(params, start)]), logs))
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+    (whole, whole_logs), (streamed, streamed_logs) = steps
+    assert whole.abs().sum() > 0
+    assert (whole - streamed).norm() < 1e-5 * whole.norm()
+    assert streamed_logs["loss"] == pytest.approx(whole_logs["loss"], rel=1e-6)
+
+
+def test_bank_protocol_samples_the_reference_before_the_timer(tiny_config, tiny_cpu_models):
+    methods, settings = _profiled(tiny_config, tiny_cpu_models, ["drpo"])
+    source = OnlineReference(tiny_cpu_models.generator, PROMPTS, candidates=4, seed=0)
+    summary = summarize(profile_updates(methods, tiny_cpu_models.params, source, settings, warmup=0, updates=1,
+                                        online_reference=False))
     assert summary.set_index("component").loc["reference_generate", "max_s"] == 0
+
+
+def test_nested_sections_count_toward_the_outer_one():
+    timer = SectionTimer("cpu")
+    with timer("backward"):
+        with timer("reward_score"):  # e.g. a checkpointed reward recomputed inside the backward pass
+            pass
+    assert set(timer.seconds) == {"backward"}
+    with pytest.raises(ValueError, match="unknown component"):
+        with timer("forward"):
+            pass
 
 
 def test_peak_memory_counts_live_tensors_on_cpu():
@@ -141,11 +203,13 @@ def test_peak_memory_counts_live_tensors_on_cpu():
     assert peak == 8_000_000 and out.shape == (1000, 1000)
 
 
-def test_cost_table_and_figure(tmp_path, tiny_cpu_models):
+def test_cost_table_and_figure(tmp_path, tiny_config, tiny_cpu_models):
     analytic = analytic_table(["sd-turbo"], ["pickscore"], TINY_UPDATE, tiny=True, log=lambda _: None)
     analytic.to_csv(tmp_path / "analytic.csv", index=False)
-    runs = [("drpo", TINY_UPDATE), ("draft", TINY_UPDATE)]
-    measured = summarize(profile_updates(runs, tiny_cpu_models, PROMPTS, warmup=0, updates=1))
+    methods, settings = _profiled(tiny_config, tiny_cpu_models, ["drpo", "draft"])
+    source = OnlineReference(tiny_cpu_models.generator, PROMPTS, candidates=4, seed=0)
+    measured = summarize(profile_updates(methods, tiny_cpu_models.params, source, settings, warmup=0, updates=1,
+                                         online_reference=True))
     measured = measured.assign(setting="tiny", device="cpu")
     measured.to_csv(tmp_path / "measured.csv", index=False)
     table = write_report(tmp_path / "analytic.csv", [tmp_path / "measured.csv"], tmp_path / "table.csv",
@@ -156,19 +220,20 @@ def test_cost_table_and_figure(tmp_path, tiny_cpu_models):
     assert paper.loc["drpo", "speedup"] == pytest.approx(PAPER["draft"]["update"] / PAPER["drpo"]["update"])
     assert paper.loc["drpo", "backward_share"] == pytest.approx(0.34 / 6.17)
     analytic_rows = table[table["source"] == "analytic (ours)"]
-    assert (analytic_rows["update"] == analytic_rows[list(COMPONENTS)].sum(axis=1)).all()
+    assert list(analytic_rows["update"]) == pytest.approx(list(analytic_rows[list(COMPONENTS)].sum(axis=1)))
     assert pd.read_csv(tmp_path / "table.csv").shape == table.shape
     assert Image.open(tmp_path / "figure.png").size[0] > 500
 
 
 def test_measured_miniature_writes_one_block_per_draft_chunk(tiny_config, tmp_path):
-    tiny_config["cost"] = {"measured": {
+    tiny_config["cost"]["measured"] = {
         "candidates": 4, "accumulation": 1, "num_pos": 1, "num_neg": 1, "warmup": 0, "updates": 1, "seed": 0,
-        "online_reference": True, "draft_chunks": [1, 4], "reward_checkpointing": True,
-        "reward_hidden": 48, "reward_layers": 2, "threads": 1}}
-    summary = measure_miniature(tiny_config, PROMPTS, tmp_path / "measured.csv", log=lambda _: None)
+        "online_reference": True, "draft_chunks": [1, 4], "reward_hidden": 48, "reward_layers": 2, "threads": 1}
+    rows = [{"prompt": prompt} for prompt in PROMPTS]
+    summary = measure_miniature(tiny_config, rows, tmp_path / "measured.csv", log=lambda _: None)
     settings = list(summary["setting"].unique())
-    assert len(settings) == 2 and "DRaFT chunk 1" in settings[0] and "DRaFT chunk 4" in settings[1]
+    assert len(settings) == 2
+    assert "DRaFT 1 candidate per backward" in settings[0] and "DRaFT 4 candidates per backward" in settings[1]
     assert settings[0].startswith("configured models + reward CLIP 48x2")  # configured models, sized reward
     table = cost_table(None, [summary])
     assert len(table) == 6  # two measured blocks and the paper's
@@ -191,12 +256,13 @@ def test_gpu_command_fails_fast_without_cuda_and_runs_tiny_on_cpu(tmp_path, caps
 
 def test_plain_drift_reference_agrees_with_ours():
     bench = _load(REPO / "benchmarks" / "drift_bench.py", "drift_bench")
-    settings = DrPOSettings(num_pos=2, num_neg=2)
+    settings = drpo_settings(load_config(REPO / "config.yaml", REPO / "configs" / "sd-turbo.yaml"), 2, 2)
     for name, (ours, plain) in bench.cases(6, 2, 2, 4, 32, torch.device("cpu"), settings).items():
         a, b = ours(), plain()  # [loss, gradient...]
         assert torch.isclose(a[0], b[0], rtol=1e-5), name
         assert (a[1:] - b[1:]).norm() < 1e-4 * b[1:].norm(), name
     g = torch.Generator().manual_seed(1)
     x, p, q = (torch.randn(n, 16, generator=g) for n in (12, 4, 4))
-    ours_loss, _ = drift_loss(x[None], p[None], q[None], positive_weight=3.0, negative_weight=2.0)
+    ours_loss, _ = drift_loss(x[None], p[None], q[None], positive_weight=3.0, negative_weight=2.0,
+                              radii=(0.02, 0.05, 0.2), kernel="laplacian")
     assert torch.allclose(ours_loss[0], bench.plain_drift_loss(x, p, q, 3.0, 2.0, (0.02, 0.05, 0.2)), rtol=1e-5)

@@ -25,7 +25,7 @@ def _yaml(name):
 
 
 def test_heldout_reward_builds_at_tiny_size_and_loads_as_pickscore(tmp_path):
-    config = load_config(REPO / "config.yaml", {
+    config = load_config(REPO / "config.yaml", overrides={
         "device": "cpu",
         "world": {"n_train_prompts": 24, "n_test_prompts": 12},
         "miniature": {"heldout_reward": {"steps": 2, "batch_size": 8, "hidden": 16}},

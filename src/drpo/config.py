@@ -1,8 +1,11 @@
 """Loading and validating the workflow configuration.
 
-The JSON schema in ``workflow/schemas/config.schema.yaml`` is the single source of truth for keys,
-types and defaults; this module applies it (filling defaults) and adds the cross-field checks a
-schema cannot express. The Snakefile and the tests both go through :func:`validate_config`.
+``config.yaml`` is the one home of every default: each key with its value and what it means. Presets are
+merged over it (Snakemake's ``--configfile``, or :func:`load_config` with overrides). The JSON schema shipped
+in this package (``config.schema.yaml``) holds types and ranges only, and every key it lists is required, so a
+config that does not start from config.yaml fails naming what it lacks instead of falling back on a second set
+of defaults. This module applies the schema and the cross-field checks it cannot express; the Snakefile and
+the tests both go through :func:`validate_config`.
 """
 
 from __future__ import annotations
@@ -15,24 +18,25 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names every offending key."""
 
 
-def _validator_with_defaults() -> type:
+def _validator_requiring_every_key() -> type:
     base = jsonschema.Draft202012Validator
 
-    def set_defaults(validator, properties, instance, schema):
+    def every_key_required(validator, properties, instance, schema):
         if isinstance(instance, dict):
-            for name, sub in properties.items():
-                if "default" in sub and name not in instance:
-                    instance[name] = copy.deepcopy(sub["default"])
+            for name in properties:
+                if name not in instance:
+                    yield jsonschema.ValidationError(f"{name!r} is missing (config.yaml sets every key; "
+                                                     "a preset is merged over it)")
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(base, {"properties": set_defaults})
+    return jsonschema.validators.extend(base, {"properties": every_key_required})
 
 
 def _location(error: jsonschema.ValidationError) -> str:
@@ -40,18 +44,15 @@ def _location(error: jsonschema.ValidationError) -> str:
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``config`` in place (filling schema defaults) and return it.
+    """Check ``config`` against the schema and the cross-field rules; return it unchanged.
 
     Raises :class:`ConfigError` listing every problem as ``<key path>: <reason>``.
     """
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    validator = _validator_with_defaults()(schema)
-    # Two passes: the first fills defaults of nested objects created by the first pass.
-    for _ in range(2):
-        errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-        if errors:
-            lines = [f"  {_location(e)}: {e.message}" for e in errors]
-            raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    validator = _validator_requiring_every_key()(yaml.safe_load(SCHEMA_PATH.read_text()))
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_location(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     _check_consistency(config)
     return config
 
@@ -84,15 +85,18 @@ def _check_consistency(config: dict[str, Any]) -> None:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a YAML config, merge ``overrides`` (nested dicts merge key by key) and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    config = yaml.safe_load(path.read_text()) or {}
-    if overrides:
-        config = merge(config, overrides)
-    return validate_config(config)
+def load_config(*paths: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read YAML configs, each merged over the previous one as ``snakemake --configfile`` merges them (nested
+    dicts merge key by key), then ``overrides``; validate the result. E.g. ``load_config("config.yaml",
+    "configs/sd-turbo.yaml")``, or a run's complete ``config.resolved.yaml`` alone."""
+    if not paths:
+        raise ValueError("load_config needs at least one config file")
+    config: dict[str, Any] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        config = merge(config, yaml.safe_load(path.read_text()) or {})
+    return validate_config(merge(config, overrides or {}))
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,11 @@ and negative anchors Q, anchors weighted by w+ / w-):
    ``-2 F / (sigma N D)`` per point.
 
 All drift math runs in fp32 (fp64 when the inputs are fp64), also under autocast and for bf16/fp16 inputs.
+
+The reward-weighted variants of the authors' code (spec 2.8, :func:`awr_drift_loss`) live here too, though
+that puts the module near 500 lines: they are built from the same distances, kernels, scale and regression as
+the binary field, which stay private to this module. Settings (weights, radii, kernel, λ) have no defaults
+here; config.yaml holds them.
 """
 
 import math
@@ -32,7 +37,6 @@ from drpo.ranking import gather_samples, select_anchors
 
 KERNELS = ("laplacian", "exponential", "rbf", "cosine")
 AWR_VARIANTS = ("drpo-awr", "drpo-awr-contrast", "drpo-awr-topk", "drpo-awr-hard", "drpo-awr-advsign")
-DEFAULT_RADII = (0.02, 0.05, 0.2)
 
 _MASK_LOGIT = 100.0  # a masked pair gets logit - 100 / r
 _AFFINITY_FLOOR = 1e-6  # floor on row_softmax * col_softmax before the square root
@@ -207,8 +211,8 @@ def drift_field(
     *,
     positive_weight: float | Tensor,
     negative_weight: float | Tensor,
-    radii: Sequence[float] = DEFAULT_RADII,
-    kernel: str = "laplacian",
+    radii: Sequence[float],
+    kernel: str,
     mask_negative_self: bool = False,
 ) -> Tensor:
     """The drifting field at the generated points (spec 2.6).
@@ -239,8 +243,8 @@ def drift_loss(
     *,
     positive_weight: float | Tensor,
     negative_weight: float | Tensor,
-    radii: Sequence[float] = DEFAULT_RADII,
-    kernel: str = "laplacian",
+    radii: Sequence[float],
+    kernel: str,
     mask_negative_self: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Drifting regression loss: arguments as :func:`drift_field`.
@@ -272,15 +276,15 @@ def drpo_objective(
     positive: Mapping[str, Tensor] | None,
     negative: Mapping[str, Tensor] | None,
     *,
-    positive_weight: float = 3000.0,
-    negative_weight: float = 3000.0,
-    reference_weight: float = 3000.0,
-    reference_negative_weight: float = 3000.0,
-    reference_loss_weight: float = 0.2,
-    pref_radii: Sequence[float] = DEFAULT_RADII,
-    ref_radii: Sequence[float] = DEFAULT_RADII,
-    kernel: str = "laplacian",
-    aggregation: str = "sum",
+    positive_weight: float,
+    negative_weight: float,
+    reference_weight: float,
+    reference_negative_weight: float,
+    reference_loss_weight: float,
+    pref_radii: Sequence[float],
+    ref_radii: Sequence[float],
+    kernel: str,
+    aggregation: str,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DrPO loss of one batch of prompts over several feature spaces (spec 2.7).
 
@@ -373,15 +377,15 @@ def awr_drift_loss(
     reference: Tensor,
     scores: Tensor,
     *,
-    variant: str = "drpo-awr",
-    alpha: float = 1.0,
-    logit_clip: float = 20.0,
-    top_fraction: float = 0.5,
-    force_scale: float = 1.0,
-    positive_weight: float = 3000.0,
-    negative_weight: float = 3000.0,
-    radii: Sequence[float] = DEFAULT_RADII,
-    kernel: str = "laplacian",
+    variant: str,
+    alpha: float,
+    logit_clip: float,
+    top_fraction: float,
+    force_scale: float,
+    positive_weight: float,
+    negative_weight: float,
+    radii: Sequence[float],
+    kernel: str,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reward-weighted drift variants (spec 2.8; not the default objective, no separate reference loss).
 

@@ -1,7 +1,8 @@
 """The training loop shared by every method: LoRA, AdamW, gradient accumulation, checkpoints, resume.
 
 One optimizer update = ``prompts_per_step`` micro-steps of one prompt and K candidates each (the
-paper's layout: batch of one prompt per process, gradient accumulation over prompts).
+paper's layout: batch of one prompt per process, gradient accumulation over prompts). :func:`update` is that
+step, shared with the cost report, which times it through the method's ``measure`` hook.
 
 Data order is a pure function of the update index (PromptSchedule): prompts are shuffled once with the
 run seed and cycled, tag by tag when they carry GenEval tags and train.balance_tags is on; the noise set
@@ -23,8 +24,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from drpo.config import checkpoint_steps
 from drpo.lora import add_lora, load_lora, save_lora
-from drpo.methods.base import Method, PromptBatch
+from drpo.methods.base import Measure, Method, PromptBatch, unmeasured
 from drpo.reference import ReferenceSource
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -40,20 +41,21 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """One run's settings, from the config's ``train`` section (config.yaml documents each)."""
+
     steps: int
     prompts_per_step: int
     candidates: int
     checkpoint_every: int
     learning_rate: float
     seed: int
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    balance_tags: bool = True
-    lora: dict = field(default_factory=lambda: {"rank": 16, "alpha": 16, "dropout": 0.0,
-                                                 "targets": ["to_q", "to_k", "to_v", "to_out.0"]})
+    adam_betas: tuple[float, float]
+    weight_decay: float
+    adam_eps: float
+    max_grad_norm: float
+    mixed_precision: str
+    balance_tags: bool
+    lora: dict
 
     @classmethod
     def from_config(cls, train: dict, seed: int, method: str | None = None) -> "TrainSettings":
@@ -111,6 +113,54 @@ def _autocast(device: str, mixed_precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
+def optimizer_for(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    """The paper's AdamW on the LoRA parameters."""
+    return torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.adam_betas,
+                             weight_decay=settings.weight_decay, eps=settings.adam_eps)
+
+
+def prompt_batches(source: ReferenceSource, cells: Iterable[tuple[int, int]], metadata: list[dict] | None,
+                   measure: Measure = unmeasured) -> Iterator[PromptBatch]:
+    """The micro-batches of the given (prompt index, noise set) cells; drawing the noises and the frozen base's
+    latents for them is the update's "reference_generate" component."""
+    for prompt_index, noise_set in cells:
+        with measure("reference_generate"):
+            noise, reference = source.cell(prompt_index, noise_set)
+        yield PromptBatch(prompt=source.prompts[prompt_index], noise=noise, reference=reference,
+                          metadata=metadata[prompt_index] if metadata else None)
+
+
+def update(method: Method, batches: Iterable[PromptBatch], params: list[torch.nn.Parameter],
+           optimizer: torch.optim.Optimizer, settings: TrainSettings, world: int = 1) -> dict[str, float]:
+    """One optimizer update: every micro-batch's loss and backward (each weighted 1 / prompts_per_step, the
+    update's prompts over all processes), the gradient sum across processes, clipping and the AdamW step.
+
+    A method with ``candidates_per_backward`` set back-propagates each prompt's candidates in groups of that
+    size, weighted by their share of K. Returns the logs averaged like the loss, and the gradient norm.
+    """
+    measure = method.measure
+    device = method.generator.device
+    logs: dict[str, float] = {}
+    for batch in batches:
+        k = batch.noise.shape[0]
+        for part in batch.split(method.candidates_per_backward or k):
+            share = len(part.noise) / k
+            with _autocast(device.type, settings.mixed_precision):
+                loss, part_logs = method.loss(part)
+            with measure("backward"):
+                (loss * share / settings.prompts_per_step).backward()
+            for key, value in {"loss": loss.item(), **part_logs}.items():
+                logs[key] = logs.get(key, 0.0) + value * share / settings.prompts_per_step
+    if world > 1:
+        _all_reduce_sum(params, logs, device)
+    with measure("optimizer_step"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    method.end_update()
+    return logs | {"grad_norm": grad_norm.item()}
+
+
 def _save_checkpoint(run_dir: Path, step: int, method: Method, optimizer, settings: TrainSettings) -> None:
     final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -147,8 +197,7 @@ def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_
     torch.manual_seed(settings.seed)  # LoRA initialisation; identical on every process
     params = add_lora(generator.unet, rank=settings.lora["rank"], alpha=settings.lora["alpha"],
                       dropout=settings.lora["dropout"], targets=tuple(settings.lora["targets"]))
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.adam_betas,
-                                  weight_decay=settings.weight_decay, eps=settings.adam_eps)
+    optimizer = optimizer_for(params, settings)
     start = 0
     resume = latest_checkpoint(run_dir)
     if resume is not None:
@@ -169,30 +218,15 @@ def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         _truncate_metrics(metrics_path, start)
-    device = str(generator.device).split(":")[0]
     for step in tqdm(range(start + 1, settings.steps + 1), desc=f"train {method.name}",
                      initial=start, total=settings.steps, disable=not main):
         began = time.perf_counter()
-        logs: dict[str, float] = {}
-        for j in range(local_prompts):
-            micro = (step - 1) * settings.prompts_per_step + rank * local_prompts + j
-            prompt_index, noise_set = schedule(micro)
-            noise, reference = source.cell(prompt_index, noise_set)
-            batch = PromptBatch(prompt=source.prompts[prompt_index], noise=noise, reference=reference,
-                                metadata=metadata[prompt_index] if metadata else None)
-            with _autocast(device, settings.mixed_precision):
-                loss, micro_logs = method.loss(batch)
-            (loss / settings.prompts_per_step).backward()
-            for key, value in {"loss": loss.item(), **micro_logs}.items():
-                logs[key] = logs.get(key, 0.0) + value / settings.prompts_per_step
-        if world > 1:
-            _all_reduce_sum(params, logs, generator.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        first = (step - 1) * settings.prompts_per_step + rank * local_prompts
+        cells = (schedule(micro) for micro in range(first, first + local_prompts))
+        logs = update(method, prompt_batches(source, cells, metadata, method.measure), params, optimizer,
+                      settings, world)
         if main:
-            record = {"step": step, **logs, "grad_norm": grad_norm.item(),
-                      "seconds": time.perf_counter() - began}
+            record = {"step": step, **logs, "seconds": time.perf_counter() - began}
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if step in saves:

@@ -18,6 +18,7 @@ rule cost_analytic:
         f"{R}/cost/analytic_flops.csv",
     params:
         section=config["cost"]["analytic"],
+        drpo=config["drpo"],
     log:
         f"{R}/logs/cost_analytic.log",
     message:
@@ -33,9 +34,12 @@ rule cost_measured:
     output:
         f"{R}/cost/measured_miniature.csv",
     params:
-        # Declared so that changing these settings reruns the measurement (the script reads the config).
+        # Declared so that changing these settings reruns the measurement (the script reads the config: the
+        # measured methods are built from it as training builds them).
         section=config["cost"]["measured"],
+        train=config["train"],
         drpo=config["drpo"],
+        draft=config["draft"],
     # It times this machine: run locally, holding every local core so that no other job of the workflow runs
     # meanwhile (torch itself uses cost.measured.threads).
     localrule: True

@@ -7,10 +7,9 @@ from drpo.cost.report import measure_miniature, run_analytic, write_report
 from drpo.pipeline import read_rows
 
 if snakemake.rule == "cost_analytic":
-    run_analytic(snakemake.params.section, snakemake.output[0])
+    run_analytic(snakemake.params.section, snakemake.params.drpo, snakemake.output[0])
 elif snakemake.rule == "cost_measured":
-    prompts = [row["prompt"] for row in read_rows(snakemake.input.prompts)]
-    measure_miniature(snakemake.config, prompts, snakemake.output[0])
+    measure_miniature(snakemake.config, read_rows(snakemake.input.prompts), snakemake.output[0])
 else:
     write_report(snakemake.input.analytic, [snakemake.input.measured, *snakemake.input.gpu],
                  snakemake.output.table, snakemake.output.figure)

@@ -1,22 +1,14 @@
-"""Measured cost: per-component wall time of DrPO and DRaFT updates, on CPU or CUDA, with the paper's protocol.
+"""Measured cost: per-component wall time of real training updates, on CPU or CUDA, with the paper's protocol.
 
-Protocol (spec section 6): each component runs inside a timer that synchronises the device before and after
+What is timed is the training loop's own update (drpo.train.update) over the methods' own loss code: for the
+duration of each update a :class:`SectionTimer` is the method's ``measure`` hook, so every component the method
+and the loop mark (drpo.methods.base.COMPONENTS) is timed where it runs, and a change to a method reaches the
+cost table. Protocol (spec section 6): the timer synchronises the device before and after each component
 (``torch.cuda.synchronize`` on a GPU), component times are summed within an update, and the update time is the
 synchronised wall time from the first micro-step to the end of the optimizer step. After ``warmup`` updates,
-``updates`` updates are recorded; summaries give median, min and max over them. Several runs (e.g. DrPO and
-DRaFT) take turns update by update, so that a change of load on a shared machine affects all of them alike.
-
-Both update loops are built from the package's code paths: ``generator.encode_prompts / sample / decode``,
-``Reward.score`` (without gradient for DrPO, ``with_grad=True`` for DRaFT), ``ranking.select_anchors``, the
-feature encoder, ``drift.drpo_objective``, ``backward`` and a clipped AdamW step on the LoRA parameters.
-
-* DrPO micro-step (one prompt, K candidates): student one-step with grad; frozen reference for the same noises;
-  decode and score without grad; top / bottom anchors; features of candidates (grad) and reference (no grad);
-  drpo_objective with the candidates' own detached features as anchors (as drpo.methods.drpo does); backward.
-* DRaFT micro-step (spec section 4): the K candidates are streamed ``draft_chunk`` at a time through one-step
-  (grad), decode (grad), reward (grad) and a backward of ``-sum(scores) / (K * accumulation)``; the reference is
-  computed and discarded when ``online_reference`` is set, as in the paper's profiler. Optional activation
-  checkpointing of the reward model (``reward_checkpointing``; the paper ran DRaFT with it on).
+``updates`` updates are recorded; summaries give median, min and max over them. Several methods (e.g. DrPO and
+DRaFT) take turns update by update, on the same prompts and noises, so that a change of load on a shared
+machine affects all of them alike.
 """
 
 from __future__ import annotations
@@ -25,75 +17,32 @@ import contextlib
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from drpo.drift import drpo_objective
-from drpo.features import FeatureEncoder
-from drpo.generators import OneStepGenerator
-from drpo.methods.base import PromptBatch
-from drpo.methods.drpo import DrPOSettings
-from drpo.ranking import select_anchors
-from drpo.rewards import Reward
-
-COMPONENTS = ("text_encode", "student_generate", "reference_generate", "vae_decode", "reward_score",
-              "rank_select", "features", "loss", "backward", "optimizer_step")
-METHODS = ("drpo", "draft")
-
-
-@dataclass(frozen=True)
-class UpdateSettings:
-    """One optimizer update: ``processes`` x ``accumulation`` prompts, K = ``candidates`` each.
-
-    Defaults are the paper's HPSv3 efficiency runs (spec section 6): 4 processes x 2 x 24 = 192 candidates,
-    12 positives / 12 negatives, AdamW lr 1e-4 with clipping at 1, the reference sampled online for both methods,
-    DRaFT streaming one candidate at a time with the reward checkpointed. ``processes`` only scales the analytic
-    totals: a measured update is one process.
-    """
-
-    candidates: int = 24
-    accumulation: int = 2
-    processes: int = 4
-    drpo: DrPOSettings = field(default_factory=lambda: DrPOSettings(num_pos=12, num_neg=12))
-    online_reference: bool = True
-    decode_chunk: int | None = 1
-    draft_chunk: int = 1
-    reward_checkpointing: bool = True
-    learning_rate: float = 1e-4
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.drpo.num_pos + self.drpo.num_neg > self.candidates:
-            raise ValueError(f"num_pos + num_neg = {self.drpo.num_pos + self.drpo.num_neg} exceeds "
-                             f"K = {self.candidates} candidates")
-        for name in ("candidates", "accumulation", "processes", "draft_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class Models:
-    """What an update touches: the generator (LoRA on its UNet), its LoRA parameters, the reward, the features."""
-
-    generator: OneStepGenerator
-    params: list[nn.Parameter]
-    reward: Reward
-    features: FeatureEncoder
+from drpo.methods.base import COMPONENTS, Method, unmeasured
+from drpo.reference import ReferenceSource
+from drpo.train import TrainSettings, optimizer_for, prompt_batches, update
 
 
 class SectionTimer:
-    """Accumulates synchronised wall time per component: ``with timer("backward"): ...``."""
+    """Accumulates synchronised wall time per component: ``with timer("backward"): ...``.
+
+    A section entered inside another counts toward the outer one only (e.g. DRaFT's decode and reward, run
+    again by activation checkpointing inside the backward pass, are backward time), so components never
+    overlap and their sum is at most the update's time.
+    """
 
     def __init__(self, device: torch.device | str) -> None:
         self.cuda = torch.device(device).type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
+        self._depth = 0
 
     def sync(self) -> None:
         if self.cuda:
@@ -101,176 +50,70 @@ class SectionTimer:
 
     @contextlib.contextmanager
     def __call__(self, component: str) -> Iterator[None]:
-        self.sync()
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[component] += time.perf_counter() - start
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+        self._depth += 1
+        outermost = self._depth == 1
+        if outermost:
+            self.sync()
+            start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if outermost:
+                self.sync()
+                self.seconds[component] += time.perf_counter() - start
 
 
-@contextlib.contextmanager
-def reward_checkpointing(reward: Reward, enabled: bool) -> Iterator[None]:
-    """Activation checkpointing of a Hugging Face reward model (``reward.model``) for the duration of the block.
+def update_cells(step: int, accumulation: int, num_prompts: int) -> list[tuple[int, int]]:
+    """(prompt index, noise set) of each micro-step of profiled update ``step``: the prompts are cycled and every
+    update draws fresh noises (noise set = step), the same for every method."""
+    return [((step * accumulation + i) % num_prompts, step) for i in range(accumulation)]
 
-    transformers checkpoints only modules in training mode; the reward models have no dropout, so train mode
-    changes nothing else. The previous mode is restored on exit.
+
+def profile_updates(methods: Sequence[Method], params: list[torch.nn.Parameter], source: ReferenceSource,
+                    settings: TrainSettings, *, metadata: list[dict] | None = None, warmup: int, updates: int,
+                    online_reference: bool, deadline: float | None = None) -> pd.DataFrame:
+    """Time ``warmup + updates`` updates of every method; returns the recorded ones.
+
+    The methods share the generator and its LoRA ``params`` (each has its own AdamW) and take turns update by
+    update (all methods' update i before any update i + 1), on the same prompts and noises from ``source``;
+    ``settings.prompts_per_step`` prompts per update. ``online_reference``: the frozen base is sampled inside the
+    update, as the paper's profiler does; otherwise before the timer starts, as a reference bank would have it.
+    Stops after the round in which ``time.monotonic()`` passes ``deadline`` (at least one round is recorded).
+    Long format: run (index into methods), method, update, component (COMPONENTS and "update", the whole
+    update), seconds, peak_memory_gb (CUDA only, NaN on CPU), loss (the update's mean micro-step loss).
     """
-    if not enabled:
-        yield
-        return
-    model = getattr(reward, "model", None)
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"reward {reward.name!r} has no Hugging Face model with gradient checkpointing; "
-                         "run with reward_checkpointing off")
-    was_training = model.training
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    model.train()
-    try:
-        yield
-    finally:
-        model.activation_checkpointing_disable()
-        model.train(was_training)
-
-
-def drpo_loss(features: Mapping[str, Tensor], reference: Mapping[str, Tensor], positives: Tensor,
-              negatives: Tensor, settings: DrPOSettings) -> Tensor:
-    """Scalar DrPO loss of one prompt: features (K, T, D) per key, anchor indices (P,) and (M,) into the K."""
-    feats = {name: value.unsqueeze(0) for name, value in features.items()}
-    refs = {name: value.unsqueeze(0) for name, value in reference.items()}
-    loss, _ = drpo_objective(
-        feats, refs,
-        {name: value.detach()[:, positives] for name, value in feats.items()},
-        {name: value.detach()[:, negatives] for name, value in feats.items()},
-        positive_weight=settings.positive_weight, negative_weight=settings.negative_weight,
-        reference_weight=settings.reference_weight, reference_negative_weight=settings.reference_negative_weight,
-        reference_loss_weight=settings.reference_loss_weight, pref_radii=settings.radii,
-        ref_radii=settings.reference_radii, kernel=settings.kernel, aggregation=settings.aggregation,
-    )
-    return loss.mean()
-
-
-def _optimizer_step(models: Models, optimizer: torch.optim.Optimizer, settings: UpdateSettings,
-                    timer: SectionTimer) -> None:
-    with timer("optimizer_step"):
-        torch.nn.utils.clip_grad_norm_(models.params, settings.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def drpo_update(models: Models, optimizer: torch.optim.Optimizer, batches: Sequence[PromptBatch],
-                settings: UpdateSettings, timer: SectionTimer) -> None:
-    """One DrPO update over ``batches`` (one micro-step each); see the module docstring."""
-    gen, s = models.generator, settings.drpo
-    for batch in batches:
-        k = batch.noise.shape[0]
-        with timer("text_encode"):
-            cond = gen.encode_prompts([batch.prompt])
-        with timer("student_generate"):
-            latents = gen.sample(cond, batch.noise)
-        if settings.online_reference:
-            with timer("reference_generate"):
-                reference = gen.sample(cond, batch.noise, adapters=False)
-        else:
-            reference = batch.reference.to(gen.device)
-        with timer("vae_decode"), torch.no_grad():
-            images = gen.decode(latents.detach(), settings.decode_chunk)
-        with timer("reward_score"):
-            scores = models.reward.score(images, [batch.prompt] * k)
-        with timer("rank_select"):
-            positives, negatives = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
-        with timer("features"):
-            feats = models.features(latents.float(), cond=cond)
-            with torch.no_grad():
-                refs = models.features(reference.float(), cond=cond)
-        with timer("loss"):
-            loss = drpo_loss(feats, refs, positives[0].to(latents.device), negatives[0].to(latents.device), s)
-        with timer("backward"):
-            (loss / len(batches)).backward()
-    _optimizer_step(models, optimizer, settings, timer)
-
-
-def draft_update(models: Models, optimizer: torch.optim.Optimizer, batches: Sequence[PromptBatch],
-                 settings: UpdateSettings, timer: SectionTimer) -> None:
-    """One DRaFT update over ``batches`` (one micro-step each); see the module docstring."""
-    gen, reward = models.generator, models.reward
-    with reward_checkpointing(reward, settings.reward_checkpointing):
-        for batch in batches:
-            k = batch.noise.shape[0]
-            with timer("text_encode"):
-                cond = gen.encode_prompts([batch.prompt])
-            for noise in batch.noise.split(settings.draft_chunk):
-                with timer("student_generate"):
-                    latents = gen.sample(cond, noise)
-                if settings.online_reference:
-                    with timer("reference_generate"):
-                        gen.sample(cond, noise, adapters=False)
-                with timer("vae_decode"):
-                    images = gen.decode(latents, settings.decode_chunk)
-                with timer("reward_score"):
-                    scores = reward.score(images, [batch.prompt] * noise.shape[0], with_grad=True)
-                with timer("loss"):
-                    loss = -scores.sum() / (k * len(batches))
-                with timer("backward"):
-                    loss.backward()
-    _optimizer_step(models, optimizer, settings, timer)
-
-
-UPDATES: dict[str, Callable[..., None]] = {"drpo": drpo_update, "draft": draft_update}
-
-
-def make_batches(generator: OneStepGenerator, prompts: Sequence[str], candidates: int,
-                 noise: torch.Generator, *, with_reference: bool) -> list[PromptBatch]:
-    """One PromptBatch per prompt: K noises on the generator's device and, for the bank protocol, the frozen
-    base's latents for them (computed here, outside the timed update, as the reference bank does once)."""
-    batches = []
-    for prompt in prompts:
-        z = torch.randn((candidates, *generator.latent_shape), generator=noise).to(generator.device)
-        reference = (generator.sample(generator.encode_prompts([prompt]), z, adapters=False) if with_reference
-                     else torch.empty(0))
-        batches.append(PromptBatch(prompt=prompt, noise=z, reference=reference))
-    return batches
-
-
-def profile_updates(runs: Sequence[tuple[str, UpdateSettings]], models: Models, prompts: Sequence[str], *,
-                    warmup: int = 1, updates: int = 3, seed: int = 0, deadline: float | None = None) -> pd.DataFrame:
-    """Time ``warmup + updates`` updates of every (method, settings) run; returns the recorded ones.
-
-    The runs take turns update by update (all runs' update i before any update i + 1), with the same prompts
-    and noises, so that a change of machine load hits all of them alike. Prompts are cycled, ``accumulation``
-    per update. Stops after the round in which ``time.monotonic()`` passes ``deadline`` (at least one round is
-    recorded). Long format: run (index into runs), method, update, component (COMPONENTS and "update", the whole
-    update), seconds, peak_memory_gb (CUDA only, NaN on CPU).
-    """
-    for method, _ in runs:
-        if method not in UPDATES:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if not prompts:
-        raise ValueError("no prompts to profile with")
-    device = models.generator.device
+    if not methods:
+        raise ValueError("no methods to profile")
+    device = methods[0].generator.device
     cuda = device.type == "cuda"
-    optimizers = [torch.optim.AdamW(models.params, lr=settings.learning_rate) for _, settings in runs]
-    noises = [torch.Generator().manual_seed(seed) for _ in runs]
+    optimizers = [optimizer_for(params, settings) for _ in methods]
     rows = []
     for step in range(warmup + updates):
-        for run, ((method, settings), optimizer, noise) in enumerate(zip(runs, optimizers, noises)):
-            start = step * settings.accumulation
-            chosen = [prompts[(start + i) % len(prompts)] for i in range(settings.accumulation)]
-            with torch.no_grad():
-                batches = make_batches(models.generator, chosen, settings.candidates, noise,
-                                       with_reference=not settings.online_reference)
+        cells = update_cells(step, settings.prompts_per_step, len(source.prompts))
+        for run, (method, optimizer) in enumerate(zip(methods, optimizers)):
             timer = SectionTimer(device)
+            batches = prompt_batches(source, cells, metadata, timer if online_reference else unmeasured)
+            if not online_reference:
+                batches = list(batches)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            timer.sync()
-            began = time.perf_counter()
-            UPDATES[method](models, optimizer, batches, settings, timer)
-            timer.sync()
-            total = time.perf_counter() - began
+            method.measure = timer
+            try:
+                timer.sync()
+                began = time.perf_counter()
+                logs = update(method, batches, params, optimizer, settings)
+                timer.sync()
+                total = time.perf_counter() - began
+            finally:
+                method.measure = unmeasured
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
             if step >= warmup:
                 record = {c: timer.seconds.get(c, 0.0) for c in COMPONENTS} | {"update": total}
-                rows += [{"run": run, "method": method, "update": step - warmup, "component": c, "seconds": v,
-                          "peak_memory_gb": peak} for c, v in record.items()]
+                rows += [{"run": run, "method": method.name, "update": step - warmup, "component": c,
+                          "seconds": v, "peak_memory_gb": peak, "loss": logs["loss"]} for c, v in record.items()]
         if step >= warmup and deadline is not None and time.monotonic() > deadline:
             break
     return pd.DataFrame.from_records(rows)

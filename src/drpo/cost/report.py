@@ -12,7 +12,6 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -22,15 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from drpo.cost.flops import analytic_table, count, update_flops  # noqa: E402
-from drpo.cost.profile import (  # noqa: E402
-    COMPONENTS,
-    Models,
-    UpdateSettings,
-    device_name,
-    profile_updates,
-    summarize,
-)
+from drpo.config import merge  # noqa: E402
+from drpo.cost.flops import Models, UpdateShape, analytic_table, count, update_flops  # noqa: E402
+from drpo.cost.profile import device_name, profile_updates, summarize  # noqa: E402
+from drpo.methods.base import COMPONENTS, settings_from_section  # noqa: E402
 from drpo.methods.drpo import DrPOSettings  # noqa: E402
 
 # Spec section 6 (website table "Efficiency comparison on HPSv3"): SD-Turbo, HPSv3, 4 processes x 2 x 24 = 192
@@ -134,24 +128,21 @@ def write_report(analytic_csv: str | Path | None, profile_csvs: Sequence[str | P
     return table
 
 
-def run_analytic(section: dict, out_csv: str | Path, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Analytic FLOPs of the configured paper settings (config section ``cost.analytic``), written to CSV."""
-    settings = UpdateSettings(candidates=section["candidates"], accumulation=section["accumulation"],
-                              processes=section["processes"],
-                              drpo=DrPOSettings(num_pos=section["num_pos"], num_neg=section["num_neg"]))
-    table = analytic_table(section["generators"], section["rewards"], settings, log=log,
+def drpo_settings(config: dict, num_pos: int, num_neg: int) -> DrPOSettings:
+    """The config's DrPO settings with the anchor counts of a cost protocol."""
+    return settings_from_section(DrPOSettings, config["drpo"] | {"num_pos": num_pos, "num_neg": num_neg})
+
+
+def run_analytic(section: dict, drpo: dict, out_csv: str | Path, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Analytic FLOPs of the configured paper settings (config sections ``cost.analytic`` and ``drpo``), as CSV."""
+    shape = UpdateShape(processes=section["processes"], accumulation=section["accumulation"],
+                        candidates=section["candidates"], online_reference=True, reward_checkpointing=True,
+                        drpo=drpo_settings({"drpo": drpo}, section["num_pos"], section["num_neg"]))
+    table = analytic_table(section["generators"], section["rewards"], shape, log=log,
                            reward_options={"hpsv3": {"text_tokens": section["hpsv3_text_tokens"]}})
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)
     return table
-
-
-def drpo_settings(section: dict, **overrides) -> DrPOSettings:
-    """DrPOSettings from the workflow config's ``drpo`` section (as drpo.methods.drpo.DrPO.from_config)."""
-    values = dict(section) | overrides
-    values["radii"] = tuple(values["radii"])
-    values["reference_radii"] = tuple(values["reference_radii"])
-    return DrPOSettings(**values)
 
 
 @torch.no_grad()
@@ -166,7 +157,7 @@ def reward_to_unet_flops(models: Models, prompt: str) -> float:
 
 def miniature_models(config: dict, prompts: Sequence[str], *, reward_hidden: int | None, reward_layers: int,
                      work_dir: str | Path) -> tuple[Models, str]:
-    """Models for the measured miniature profile; returns them (LoRA added with the configured rank) and a label.
+    """Models for the measured miniature profile; returns them (LoRA added as configured) and a label.
 
     Generator and features: the configured ones (the miniature's trained models, or the paper's with a paper
     preset) when their files exist, else tiny random stand-ins written to ``work_dir`` (32 px images, 8 x 8 x 4
@@ -211,45 +202,66 @@ def miniature_models(config: dict, prompts: Sequence[str], *, reward_hidden: int
         reward = PickScoreReward(root / "reward", device=generator.device)
         label += f" + reward CLIP {reward_hidden}x{reward_layers}"
     lora = config["train"]["lora"]
-    params = add_lora(generator.unet, rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+    params = add_lora(generator.unet, rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
+                      targets=tuple(lora["targets"]))
     return Models(generator, params, reward, features), label
 
 
-def measure_miniature(config: dict, prompts: Sequence[str], out_csv: str | Path,
-                      log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Time DrPO and DRaFT updates of the miniature on this machine (config section ``cost.measured``).
-
-    Torch uses ``threads`` CPU threads (1 on a shared machine: more threads than free cores slow small models
-    down many-fold). Runs: DrPO, and DRaFT once per value of ``draft_chunks`` (1 = the paper's streaming,
-    K = batched), timed in turns (drpo.cost.profile.profile_updates); each DRaFT run forms one setting with the
-    DrPO timings. The label carries the FLOP ratios of these very models (reward / UNet per image, DRaFT / DrPO
-    per update).
-    """
+def measured_config(config: dict) -> dict:
+    """The config the measured profile trains with: the configured one with the protocol of ``cost.measured``
+    (K, prompts per update and DrPO's anchors; one process)."""
     section = config["cost"]["measured"]
+    return merge(config, {"train": {"candidates": section["candidates"], "prompts_per_step": section["accumulation"],
+                                    "processes": 1},
+                          "drpo": {"num_pos": section["num_pos"], "num_neg": section["num_neg"]}})
+
+
+def measure_miniature(config: dict, rows: Sequence[dict], out_csv: str | Path,
+                      log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Time real DrPO and DRaFT updates of the miniature on this machine (config section ``cost.measured``).
+
+    The methods are the training code's own (drpo.methods.build_method on :func:`measured_config`), updated by
+    the training loop's update step. Torch uses ``threads`` CPU threads (1 on a shared machine: more threads
+    than free cores slow small models down many-fold). Runs: DrPO, and DRaFT once per value of ``draft_chunks``
+    (its candidates per backward: 1 = the paper's streaming, K = batched), timed in turns
+    (drpo.cost.profile.profile_updates); each DRaFT run forms one setting with the DrPO timings. The label
+    carries the FLOP ratios of these very models (reward / UNet per image, DRaFT / DrPO per update).
+    """
+    from drpo.methods import build_method
+    from drpo.reference import OnlineReference
+    from drpo.train import TrainSettings
+
+    section = config["cost"]["measured"]
+    config = measured_config(config)
     torch.set_num_threads(section["threads"])
-    settings = UpdateSettings(
-        candidates=section["candidates"], accumulation=section["accumulation"], processes=1,
-        drpo=drpo_settings(config["drpo"], num_pos=section["num_pos"], num_neg=section["num_neg"]),
-        online_reference=section["online_reference"], decode_chunk=None,
-        reward_checkpointing=section["reward_checkpointing"], learning_rate=config["train"]["learning_rate"],
-    )
+    prompts = [row["prompt"] for row in rows]
+    settings = TrainSettings.from_config(config["train"], section["seed"])
     with tempfile.TemporaryDirectory() as work_dir:
         models, label = miniature_models(config, prompts, reward_hidden=section["reward_hidden"],
                                          reward_layers=section["reward_layers"], work_dir=work_dir)
-        flops = {m: sum(update_flops(m, models, settings).values()) for m in ("drpo", "draft")}
+        shape = UpdateShape(processes=1, accumulation=section["accumulation"], candidates=section["candidates"],
+                            drpo=drpo_settings(config, section["num_pos"], section["num_neg"]),
+                            online_reference=section["online_reference"], reward_checkpointing=True)
+        flops = {m: sum(update_flops(m, models, shape).values()) for m in ("drpo", "draft")}
         label += (f" (reward / UNet FLOPs {reward_to_unet_flops(models, prompts[0]):.1f}x, "
                   f"DRaFT / DrPO FLOPs {flops['draft'] / flops['drpo']:.2f}x)")
-        runs = [("drpo", settings)] + [("draft", replace(settings, draft_chunk=c)) for c in section["draft_chunks"]]
+        build = [("drpo", config)] + [("draft", merge(config, {"draft": {"candidates_per_backward": chunk}}))
+                                      for chunk in section["draft_chunks"]]
+        methods = [build_method(name, models.generator, models.reward, models.features, method_config)
+                   for name, method_config in build]
+        source = OnlineReference(models.generator, prompts, candidates=section["candidates"], seed=section["seed"])
         began = time.monotonic()
-        summary = summarize(profile_updates(runs, models, prompts, warmup=section["warmup"],
-                                            updates=section["updates"], seed=section["seed"]))
-        log(f"{label}: {len(runs)} runs x {section['updates']} updates in {time.monotonic() - began:.1f} s")
+        metadata = list(rows) if all("tag" in row for row in rows) else None
+        summary = summarize(profile_updates(methods, models.params, source, settings, metadata=metadata,
+                                            warmup=section["warmup"], updates=section["updates"],
+                                            online_reference=section["online_reference"]))
+        log(f"{label}: {len(methods)} runs x {section['updates']} updates in {time.monotonic() - began:.1f} s")
         device = device_name(models.generator.device)
     drpo = summary[summary["run"] == 0]
     blocks = []
-    for run, (_, draft) in enumerate(runs[1:], start=1):
-        setting = (f"{label}, {settings.accumulation} x K={settings.candidates}, DRaFT chunk {draft.draft_chunk}, "
-                   f"reward ckpt {'on' if settings.reward_checkpointing else 'off'}")
+    for run, chunk in enumerate(section["draft_chunks"], start=1):
+        setting = (f"{label}, {settings.prompts_per_step} x K={settings.candidates}, DRaFT {chunk} candidate"
+                   f"{'s' if chunk > 1 else ''} per backward, decode + reward recomputed in backward")
         blocks.append(pd.concat([drpo, summary[summary["run"] == run]]).assign(setting=setting, device=device))
     summary = pd.concat(blocks, ignore_index=True)
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)

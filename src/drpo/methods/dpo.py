@@ -26,9 +26,9 @@ from drpo.ranking import drop_tied_anchors, select_anchors
 
 @dataclass(frozen=True)
 class DPOSettings:
-    num_pos: int = 8
-    num_neg: int = 8
-    beta: float = 30.0
+    num_pos: int
+    num_neg: int
+    beta: float
 
 
 def set_score(points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,24 +50,24 @@ def dpo_logit(policy: torch.Tensor, reference: torch.Tensor, chosen: torch.Tenso
 
 class DPO(Method):
     name = "dpo"
+    settings_class = DPOSettings
     needs_reward_gradient = False
 
-    def __init__(self, generator, reward, settings: DPOSettings) -> None:
-        super().__init__(generator, reward)
-        self.settings = settings
-
-    @classmethod
-    def from_config(cls, generator, reward, features, config: dict) -> "DPO":
-        return cls(generator, reward, DPOSettings(**config["dpo"]))
-
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        s, gen = self.settings, self.generator
+        s, gen, measure = self.settings, self.generator, self.measure
         k = batch.noise.shape[0]
-        latents = gen.sample(gen.encode_prompts([batch.prompt]), batch.noise)
+        with measure("text_encode"):
+            cond = gen.encode_prompts([batch.prompt])
+        with measure("student_generate"):
+            latents = gen.sample(cond, batch.noise)
         with torch.no_grad():
             metadata = None if batch.metadata is None else [batch.metadata] * k
-            scores = self.reward.score(gen.decode(latents.detach()), [batch.prompt] * k, metadata)
-        pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
+            with measure("vae_decode"):
+                images = gen.decode(latents.detach())
+            with measure("reward_score"):
+                scores = self.reward.score(images, [batch.prompt] * k, metadata)
+        with measure("rank_select"):
+            pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),
@@ -81,6 +81,7 @@ class DPO(Method):
         chosen = latents.detach()[pos.to(latents.device)]
         rejected = latents.detach()[neg.to(latents.device)]
         reference = batch.reference.to(latents.device, latents.dtype)
-        logit = dpo_logit(latents, reference, chosen, rejected, s.beta)
+        with measure("loss"):
+            logit = dpo_logit(latents, reference, chosen, rejected, s.beta)
         logs["dpo_logit"] = logit.item()
         return -F.logsigmoid(logit), logs

@@ -16,71 +16,128 @@ rounds, prompts the base rarely gets right (position: 4 % here) would otherwise 
 
 Ranked anchors that tie across the cut (a pass/fail reward scoring every candidate alike) carry no preference
 and are dropped (drpo.ranking.drop_tied_anchors); a prompt with nothing preferred trains the reference term only.
+
+``objective`` other than "binary" selects one of the authors' reward-weighted variants (spec 2.8,
+drpo.drift.awr_drift_loss): every candidate is in the generated set, weighted by its z-scored reward; no
+separate reference drift loss is added; the loss is scaled by ``awr.loss_weight``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from drpo.drift import drpo_objective
+from drpo.drift import awr_drift_loss, drpo_objective
 from drpo.methods.base import Method, PromptBatch
-from drpo.ranking import drop_tied_anchors, select_anchors
+from drpo.ranking import drop_tied_anchors, select_anchors, zscore
+
+
+@dataclass(frozen=True)
+class AWRSettings:
+    alpha: float
+    logit_clip: float
+    top_fraction: float
+    force_scale: float
+    loss_weight: float
 
 
 @dataclass(frozen=True)
 class DrPOSettings:
-    num_pos: int = 8
-    num_neg: int = 8
-    positive_weight: float = 3000.0
-    negative_weight: float = 3000.0
-    reference_weight: float = 3000.0
-    reference_negative_weight: float = 3000.0
-    reference_loss_weight: float = 0.2
-    radii: tuple[float, ...] = (0.02, 0.05, 0.2)
-    reference_radii: tuple[float, ...] = (0.02, 0.05, 0.2)
-    kernel: str = "laplacian"
-    aggregation: str = "sum"
-    # Pass/fail pools (spec 2.10); 0 ranks the K candidates of the bank's noises instead.
-    rollout_rounds: int = 0
-    # Weight of the latent MSE to the frozen base's output (ref_model_l2_weight; 0.2 in the GenEval recipe).
-    reference_l2_weight: float = 0.0
+    num_pos: int
+    num_neg: int
+    positive_weight: float
+    negative_weight: float
+    reference_weight: float
+    reference_negative_weight: float
+    reference_loss_weight: float
+    radii: tuple[float, ...]
+    reference_radii: tuple[float, ...]
+    kernel: str
+    aggregation: str
+    rollout_rounds: int
+    reference_l2_weight: float
+    objective: str
+    awr: AWRSettings
+
+
+def preference_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor],
+                    reference: Mapping[str, torch.Tensor] | None, positives: torch.Tensor | None,
+                    negatives: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """The binary DrPO objective of one prompt: preference field + λ·reference drift, summed or averaged over keys.
+
+    generated: the candidates' features with gradient, {key: (S, T, D)}; reference: the frozen base's features
+    for the same noises (None when λ = 0); positives: indices into the candidates (P,), whose detached features
+    are the positive anchors; negatives: detached features {key: (M, T, D)}. positives and negatives None: no
+    preference term (every anchor tied). Returns a scalar.
+    """
+    s = settings
+    feats = {name: value.unsqueeze(0) for name, value in generated.items()}
+    loss, _ = drpo_objective(
+        feats, None if reference is None else {name: value.unsqueeze(0) for name, value in reference.items()},
+        None if positives is None else {name: value.detach()[:, positives] for name, value in feats.items()},
+        None if negatives is None else {name: value.unsqueeze(0) for name, value in negatives.items()},
+        positive_weight=s.positive_weight, negative_weight=s.negative_weight,
+        reference_weight=s.reference_weight, reference_negative_weight=s.reference_negative_weight,
+        reference_loss_weight=s.reference_loss_weight, pref_radii=s.radii,
+        ref_radii=s.reference_radii, kernel=s.kernel, aggregation=s.aggregation,
+    )
+    return loss.mean()
+
+
+def reward_weighted_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor],
+                         reference: Mapping[str, torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
+    """An AWR objective (spec 2.8) of one prompt: generated and reference {key: (K, T, D)}, scores (K,) z-scored.
+
+    Per key, every candidate's tokens form the generated cloud; the keys are aggregated as in the binary
+    objective and the total is multiplied by ``awr.loss_weight``. Returns a scalar.
+    """
+    s, awr = settings, settings.awr
+    losses = []
+    for name, value in generated.items():
+        k, t, d = value.shape
+        loss, _ = awr_drift_loss(
+            value.reshape(1, k * t, d), reference[name].reshape(1, k * t, d), scores.view(1, k),
+            variant=s.objective, alpha=awr.alpha, logit_clip=awr.logit_clip, top_fraction=awr.top_fraction,
+            force_scale=awr.force_scale, positive_weight=s.positive_weight, negative_weight=s.negative_weight,
+            radii=s.radii, kernel=s.kernel)
+        losses.append(loss)
+    total = torch.stack(losses).sum(dim=0)
+    if s.aggregation == "mean":
+        total = total / len(losses)
+    return awr.loss_weight * total.mean()
 
 
 class DrPO(Method):
     name = "drpo"
+    settings_class = DrPOSettings
     needs_reward_gradient = False
 
-    def __init__(self, generator, reward, features, settings: DrPOSettings) -> None:
-        super().__init__(generator, reward)
-        self.features = features
-        self.settings = settings
-
-    @classmethod
-    def from_config(cls, generator, reward, features, config: dict) -> "DrPO":
-        section = dict(config["drpo"])
-        section["radii"] = tuple(section["radii"])
-        section["reference_radii"] = tuple(section["reference_radii"])
-        return cls(generator, reward, features, DrPOSettings(**section))
-
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.settings.rollout_rounds:
+        s, gen, measure = self.settings, self.generator, self.measure
+        if s.rollout_rounds:
             return self._pool_loss(batch)
-        s, gen = self.settings, self.generator
         k = batch.noise.shape[0]
-        if s.num_pos + s.num_neg > k:
+        if s.objective == "binary" and s.num_pos + s.num_neg > k:
             raise ValueError(f"num_pos ({s.num_pos}) + num_neg ({s.num_neg}) exceeds K ({k})")
-        cond = gen.encode_prompts([batch.prompt]).repeat_interleave(k)  # encode once, one copy per candidate
-        latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
-
+        with measure("text_encode"):
+            cond = gen.encode_prompts([batch.prompt]).repeat_interleave(k)  # encode once, one copy per candidate
+        with measure("student_generate"):
+            latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
         with torch.no_grad():
-            images = gen.decode(latents.detach())
-            metadata = [batch.metadata] * k if batch.metadata is not None else None
-            scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
-        pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
-        pos, neg = drop_tied_anchors(scores, pos[0], neg[0])
+            with measure("vae_decode"):
+                images = gen.decode(latents.detach())
+            with measure("reward_score"):
+                metadata = [batch.metadata] * k if batch.metadata is not None else None
+                scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
+        reference = batch.reference.to(latents.device)
+        if s.objective != "binary":
+            return self._reward_weighted_loss(latents, reference, cond, scores)
+        with measure("rank_select"):
+            pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
+            pos, neg = drop_tied_anchors(scores, pos[0], neg[0])
         ranked = scores.sort(descending=True).values
         logs = {
             "reward_mean": scores.mean().item(),
@@ -89,8 +146,8 @@ class DrPO(Method):
             "reward_bottom": ranked[-s.num_neg:].mean().item(),
             "tied": float(len(pos) == 0),
         }
-        reference = batch.reference.to(latents.device)
-        generated = self.features(latents.float(), cond=cond)
+        with measure("features"):
+            generated = self.features(latents.float(), cond=cond)
         # Anchors are the candidates' own features, detached (no second encoder pass).
         pos, neg = pos.to(latents.device), neg.to(latents.device)
         negatives = {name: value.detach()[neg] for name, value in generated.items()}
@@ -102,43 +159,53 @@ class DrPO(Method):
         generated: features of ``latents`` with gradient, {key: (S, T, D)}; positives: indices into them;
         negatives: detached features {key: (M, T, D)}; reference: the base's latents for the same noises.
         """
-        s = self.settings
+        s, measure = self.settings, self.measure
         preferred = len(positives) > 0  # else every anchor tied: the reference terms alone
-        loss = latents.sum() * 0.0
-        if preferred or s.reference_loss_weight:
-            loss = self._drift_loss(generated, reference, cond, positives, negatives, preferred)
-        if s.reference_l2_weight:
-            loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
+        reference_features = None
+        if s.reference_loss_weight:
+            with measure("features"), torch.no_grad():
+                reference_features = self.features(reference.float(), cond=cond)
+        with measure("loss"):
+            loss = latents.sum() * 0.0
+            if preferred or s.reference_loss_weight:
+                loss = preference_loss(s, generated, reference_features, positives if preferred else None,
+                                       negatives if preferred else None)
+            if s.reference_l2_weight:
+                loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
         return loss
 
-    def _drift_loss(self, generated, reference, cond, positives, negatives, preferred: bool) -> torch.Tensor:
-        s = self.settings
-        with torch.no_grad():
-            reference_features = self.features(reference.float(), cond=cond)
-        feats = {name: value.unsqueeze(0) for name, value in generated.items()}
-        loss, _ = drpo_objective(
-            feats, {name: value.unsqueeze(0) for name, value in reference_features.items()},
-            {name: value.detach()[:, positives] for name, value in feats.items()} if preferred else None,
-            {name: value.unsqueeze(0) for name, value in negatives.items()} if preferred else None,
-            positive_weight=s.positive_weight, negative_weight=s.negative_weight,
-            reference_weight=s.reference_weight, reference_negative_weight=s.reference_negative_weight,
-            reference_loss_weight=s.reference_loss_weight, pref_radii=s.radii,
-            ref_radii=s.reference_radii, kernel=s.kernel, aggregation=s.aggregation,
-        )
-        return loss.mean()
+    def _reward_weighted_loss(self, latents, reference, cond, scores) -> tuple[torch.Tensor, dict[str, float]]:
+        s, measure = self.settings, self.measure
+        logs = {"reward_mean": scores.mean().item(), "reward_std": scores.std(unbiased=False).item()}
+        with measure("rank_select"):
+            normalised = zscore(scores.to(latents.device).float())
+        with measure("features"):
+            generated = self.features(latents.float(), cond=cond)
+            with torch.no_grad():
+                reference_features = self.features(reference.float(), cond=cond)
+        with measure("loss"):
+            loss = reward_weighted_loss(s, generated, reference_features, normalised)
+            if s.reference_l2_weight:
+                loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
+        return loss, logs
 
     def _pool_loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        s, gen = self.settings, self.generator
+        s, gen, measure = self.settings, self.generator, self.measure
         k = batch.noise.shape[0]
-        cond = gen.encode_prompts([batch.prompt])
+        with measure("text_encode"):
+            cond = gen.encode_prompts([batch.prompt])
         metadata = [batch.metadata] * k if batch.metadata is not None else None
         passing, failing, drawn = [], [], 0
         for round_ in range(s.rollout_rounds):
             noise = batch.noise if round_ == 0 else torch.randn_like(batch.noise)
             noise = noise.to(gen.device, gen.dtype)
             with torch.no_grad():
-                candidates = gen.sample(cond.repeat_interleave(k), noise)
-                scores = self.reward.score(gen.decode(candidates), [batch.prompt] * k, metadata=metadata)
+                with measure("student_generate"):
+                    candidates = gen.sample(cond.repeat_interleave(k), noise)
+                with measure("vae_decode"):
+                    images = gen.decode(candidates)
+                with measure("reward_score"):
+                    scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
             if not bool(((scores == 0) | (scores == 1)).all()):
                 raise ValueError(f"drpo.rollout_rounds needs a pass/fail reward (scores 0 or 1, such as "
                                  f"geneval_lite); reward {self.reward.name!r} gave {scores.tolist()[:4]}")
@@ -151,14 +218,19 @@ class DrPO(Method):
                 "skipped": float(not passing or not failing)}
         if logs["skipped"]:
             return torch.zeros((), device=gen.device, requires_grad=True), logs
-        positives = _subsample(passing, s.num_pos)
-        negatives = _subsample(failing, s.num_neg)
+        with measure("rank_select"):
+            positives = _subsample(passing, s.num_pos)
+            negatives = _subsample(failing, s.num_neg)
         pos_cond = cond.repeat_interleave(len(positives))
-        latents = gen.sample(pos_cond, positives)
+        with measure("student_generate"):
+            latents = gen.sample(pos_cond, positives)
         with torch.no_grad():
-            negative_features = self.features(negatives.float(), cond=cond.repeat_interleave(len(negatives)))
-            reference = gen.sample(pos_cond, positives, adapters=False)
-        generated = self.features(latents.float(), cond=pos_cond)
+            with measure("features"):
+                negative_features = self.features(negatives.float(), cond=cond.repeat_interleave(len(negatives)))
+            with measure("reference_generate"):
+                reference = gen.sample(pos_cond, positives, adapters=False)
+        with measure("features"):
+            generated = self.features(latents.float(), cond=pos_cond)
         every = torch.arange(len(positives), device=latents.device)
         return self._objective(latents, generated, reference, pos_cond, every, negative_features), logs
 

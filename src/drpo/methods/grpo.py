@@ -36,14 +36,14 @@ from drpo.methods.base import Method, PromptBatch
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    neighbor_sigma: float = 0.3
-    num_anchors: int = 4
-    advantage_p: float = 0.8
-    advantage_clip: float = 5.0
-    temperature: float = 1.0
-    clip_range: float = 0.2
-    max_log_ratio: float = 10.0
-    reference_l2_weight: float = 0.02
+    neighbor_sigma: float
+    num_anchors: int
+    advantage_p: float
+    advantage_clip: float
+    temperature: float
+    clip_range: float
+    max_log_ratio: float
+    reference_l2_weight: float
 
 
 def neighbor_group(noise: torch.Tensor, sigma: float, num_anchors: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,35 +92,36 @@ def neighbor_grpo_loss(candidates: torch.Tensor, anchors: torch.Tensor, old_anch
 
 class GRPO(Method):
     name = "grpo"
+    settings_class = GRPOSettings
     needs_reward_gradient = False
 
-    def __init__(self, generator, reward, settings: GRPOSettings) -> None:
-        super().__init__(generator, reward)
-        self.settings = settings
-
-    @classmethod
-    def from_config(cls, generator, reward, features, config: dict) -> "GRPO":
-        return cls(generator, reward, GRPOSettings(**config["grpo"]))
-
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        s, gen = self.settings, self.generator
+        s, gen, measure = self.settings, self.generator, self.measure
         k = batch.noise.shape[0]
         if s.num_anchors > k:
             raise ValueError(f"grpo: num_anchors ({s.num_anchors}) exceeds K ({k})")
         noise, anchors = neighbor_group(batch.noise, s.neighbor_sigma, s.num_anchors)
-        cond = gen.encode_prompts([batch.prompt])
+        with measure("text_encode"):
+            cond = gen.encode_prompts([batch.prompt])
         with torch.no_grad():
-            old = gen.sample(cond, noise)
+            with measure("student_generate"):
+                old = gen.sample(cond, noise)
             metadata = None if batch.metadata is None else [batch.metadata] * k
-            scores = self.reward.score(gen.decode(old), [batch.prompt] * k, metadata)
+            with measure("vae_decode"):
+                images = gen.decode(old)
+            with measure("reward_score"):
+                scores = self.reward.score(images, [batch.prompt] * k, metadata)
         advantages = quasi_norm_advantages(scores, s.advantage_p, s.advantage_clip).to(old.device)
         index = anchors.to(old.device)
-        current = gen.sample(cond, noise[anchors])
-        reference = gen.sample(cond, noise[anchors], adapters=False)
-        policy_loss, ratio = neighbor_grpo_loss(old, current, old[index], advantages,
-                                                temperature=s.temperature, clip_range=s.clip_range,
-                                                max_log_ratio=s.max_log_ratio)
-        reference_l2 = F.mse_loss(current, reference)
+        with measure("student_generate"):
+            current = gen.sample(cond, noise[anchors])
+        with measure("reference_generate"):
+            reference = gen.sample(cond, noise[anchors], adapters=False)
+        with measure("loss"):
+            policy_loss, ratio = neighbor_grpo_loss(old, current, old[index], advantages,
+                                                    temperature=s.temperature, clip_range=s.clip_range,
+                                                    max_log_ratio=s.max_log_ratio)
+            reference_l2 = F.mse_loss(current, reference)
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),

@@ -29,9 +29,9 @@ from drpo.ranking import zscore
 
 @dataclass(frozen=True)
 class PSOSettings:
-    action_std: float = 0.05
-    beta: float = 50.0
-    clip_range: float = 0.1
+    action_std: float
+    beta: float
+    clip_range: float
 
 
 def gaussian_log_prob(actions: torch.Tensor, means: torch.Tensor, std: float) -> torch.Tensor:
@@ -61,31 +61,31 @@ def pso_loss(log_ratio: torch.Tensor, rewards: torch.Tensor, beta: float) -> tup
 
 class PSO(Method):
     name = "pso"
+    settings_class = PSOSettings
     needs_reward_gradient = False
 
-    def __init__(self, generator, reward, settings: PSOSettings) -> None:
-        super().__init__(generator, reward)
-        self.settings = settings
-
-    @classmethod
-    def from_config(cls, generator, reward, features, config: dict) -> "PSO":
-        return cls(generator, reward, PSOSettings(**config["pso"]))
-
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        s, gen = self.settings, self.generator
+        s, gen, measure = self.settings, self.generator, self.measure
         k = batch.noise.shape[0]
         if k % 2:
             raise ValueError(f"pso pairs candidates (0, 1), (2, 3), ...; K must be even, got K={k}")
-        latents = gen.sample(gen.encode_prompts([batch.prompt]), batch.noise)
+        with measure("text_encode"):
+            cond = gen.encode_prompts([batch.prompt])
+        with measure("student_generate"):
+            latents = gen.sample(cond, batch.noise)
         unit_noise = zscore(batch.noise.flatten(1).float()).view_as(batch.noise).to(latents.device)
         actions = latents.detach() + s.action_std * unit_noise
         with torch.no_grad():
             metadata = None if batch.metadata is None else [batch.metadata] * k
-            scores = self.reward.score(gen.decode(actions), [batch.prompt] * k, metadata)
+            with measure("vae_decode"):
+                images = gen.decode(actions)
+            with measure("reward_score"):
+                scores = self.reward.score(images, [batch.prompt] * k, metadata)
         reference = batch.reference.to(latents.device, latents.dtype)
-        log_ratio = clipped_log_ratio(gaussian_log_prob(actions, latents, s.action_std),
-                                      gaussian_log_prob(actions, reference, s.action_std), s.clip_range)
-        loss, decided = pso_loss(log_ratio, scores, s.beta)
+        with measure("loss"):
+            log_ratio = clipped_log_ratio(gaussian_log_prob(actions, latents, s.action_std),
+                                          gaussian_log_prob(actions, reference, s.action_std), s.clip_range)
+            loss, decided = pso_loss(log_ratio, scores, s.beta)
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),

@@ -5,11 +5,10 @@ Per prompt: x_k = G_θ(z_k, c) with gradient; g_k = ∇_x [s · r(D(x), c)] at a
 clipped to norm at most τ; the target is x*_k = x_ref,k + η·λ·clip(g_k) with η = 1 (the original's
 constant η mode, the only one its recipe uses) and λ the reward scale; loss = mean_k,d (x_k − sg(x*_k))².
 
-τ starts at ``clip_threshold`` and after every optimizer update becomes the ``clip_quantile``
-quantile of the unclipped norms ‖g_k‖ seen during that update. The method counts its
-``prompts_per_update`` loss calls to know where an update ends (the original gathers the last
-micro-step's norms of every process at each sync step; one process here sees all the update's
-prompts). τ is training state: see :meth:`VGGFlow.state_dict`. No value network, no multi-step flow.
+τ starts at ``clip_threshold`` and after every optimizer update (the shared loop calls
+:meth:`VGGFlow.end_update`) becomes the ``clip_quantile`` quantile of the unclipped norms ‖g_k‖ this
+process saw during that update (the original gathers the last micro-step's norms of every process at each
+sync step). τ is training state: see :meth:`VGGFlow.state_dict`. No value network, no multi-step flow.
 """
 
 from __future__ import annotations
@@ -18,20 +17,21 @@ from dataclasses import dataclass
 
 import torch
 
-from drpo.methods.base import Method, PromptBatch
+from drpo.methods.base import Measure, Method, PromptBatch, unmeasured
 
 
 @dataclass(frozen=True)
 class VGGFlowSettings:
-    score_scale: float = 100.0
-    reward_scale: float = 1000.0
-    clip_threshold: float = 1.0
-    clip_quantile: float = 0.8
-    decode_chunk_size: int = 4
+    score_scale: float
+    reward_scale: float
+    clip_threshold: float
+    clip_quantile: float
+    decode_chunk_size: int
 
 
 def reward_gradient(generator, reward, latents: torch.Tensor, prompt: str, metadata: dict | None, *,
-                    score_scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    score_scale: float, chunk_size: int,
+                    measure: Measure = unmeasured) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (K,) on CPU and g = ∇_x [score_scale · r(D(x))] (K, C, H, W) fp32 at detached latents.
 
     Chunks of ``chunk_size`` latents are decoded and differentiated one at a time (bounded memory);
@@ -43,8 +43,12 @@ def reward_gradient(generator, reward, latents: torch.Tensor, prompt: str, metad
         n = leaf.shape[0]
         rows = None if metadata is None else [metadata] * n
         with torch.enable_grad():
-            score = reward.score(generator.decode(leaf), [prompt] * n, rows, with_grad=True)
-            (grad,) = torch.autograd.grad(score_scale * score.sum(), leaf)
+            with measure("vae_decode"):
+                images = generator.decode(leaf)
+            with measure("reward_score"):
+                score = reward.score(images, [prompt] * n, rows, with_grad=True)
+            with measure("backward"):
+                (grad,) = torch.autograd.grad(score_scale * score.sum(), leaf)
         scores.append(score.detach())
         grads.append(grad.float())
     return torch.cat(scores), torch.cat(grads)
@@ -65,19 +69,19 @@ def vggflow_target(reference: torch.Tensor, gradient: torch.Tensor, *, reward_sc
 
 class VGGFlow(Method):
     name = "vggflow"
+    settings_class = VGGFlowSettings
     needs_reward_gradient = True
 
-    def __init__(self, generator, reward, settings: VGGFlowSettings, prompts_per_update: int = 1) -> None:
-        super().__init__(generator, reward)
-        self.settings = settings
-        self.prompts_per_update = prompts_per_update
+    def __init__(self, generator, reward, settings: VGGFlowSettings, features=None) -> None:
+        super().__init__(generator, reward, settings, features)
         self.clip_threshold = settings.clip_threshold
         self._norms: list[torch.Tensor] = []
 
-    @classmethod
-    def from_config(cls, generator, reward, features, config: dict) -> "VGGFlow":
-        return cls(generator, reward, VGGFlowSettings(**config["vggflow"]),
-                   prompts_per_update=config["train"]["prompts_per_step"])
+    def end_update(self) -> None:
+        """τ becomes the ``clip_quantile`` quantile of the gradient norms seen during the update."""
+        if self._norms:
+            self.clip_threshold = torch.quantile(torch.cat(self._norms), self.settings.clip_quantile).item()
+            self._norms = []
 
     def state_dict(self) -> dict[str, float]:
         """The running clip threshold τ (saved with a checkpoint, taken at an update boundary)."""
@@ -88,21 +92,22 @@ class VGGFlow(Method):
         self._norms = []
 
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        s, gen = self.settings, self.generator
-        latents = gen.sample(gen.encode_prompts([batch.prompt]), batch.noise)
+        s, gen, measure = self.settings, self.generator, self.measure
+        with measure("text_encode"):
+            cond = gen.encode_prompts([batch.prompt])
+        with measure("student_generate"):
+            latents = gen.sample(cond, batch.noise)
         scores, gradient = reward_gradient(gen, self.reward, latents, batch.prompt, batch.metadata,
-                                           score_scale=s.score_scale, chunk_size=s.decode_chunk_size)
+                                           score_scale=s.score_scale, chunk_size=s.decode_chunk_size,
+                                           measure=measure)
         threshold = self.clip_threshold
         reference = batch.reference.to(latents.device, torch.float32)
-        target = vggflow_target(reference, gradient.to(latents.device), reward_scale=s.reward_scale,
-                                threshold=threshold)
-        loss = (latents - target).square().mean()
-
+        with measure("loss"):
+            target = vggflow_target(reference, gradient.to(latents.device), reward_scale=s.reward_scale,
+                                    threshold=threshold)
+            loss = (latents - target).square().mean()
         norms = gradient.flatten(1).norm(dim=1).cpu()
         self._norms.append(norms)
-        if len(self._norms) == self.prompts_per_update:
-            self.clip_threshold = torch.quantile(torch.cat(self._norms), s.clip_quantile).item()
-            self._norms = []
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),

@@ -280,7 +280,8 @@ def train_generator(
         clouds = _clouds(latents, mae_features, g, latent_patches, bag_maps)
         loss = sum(
             (joint_weight if key == "latent_all" else 1.0)
-            * drift_loss(x, target[key], x[:, :0], positive_weight=1.0, negative_weight=1.0, radii=radii)[0].mean()
+            * drift_loss(x, target[key], x[:, :0], positive_weight=1.0, negative_weight=1.0, radii=radii,
+                         kernel="laplacian")[0].mean()
             for key, x in clouds.items()
         )
         if match_weight > 0:

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Dinov2Model, PreTrainedModel, ViTMAEModel
 
-from drpo.generators import OneStepGenerator, PromptEmbedding, _adapters_disabled
+from drpo.generators import OneStepGenerator, PromptEmbedding, adapters_disabled
 
 STD_EPS = 1e-6
 GN_EPS = 1e-5
@@ -645,7 +645,7 @@ class TeacherUNetFeatures(FeatureEncoder):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         handles = [unet.get_submodule(k).register_forward_hook(hook(k)) for k in self.keys]
         try:
-            with _adapters_disabled(unet), _checkpointing_disabled(unet):
+            with adapters_disabled(unet), _checkpointing_disabled(unet):
                 unet(sample, self.timestep, encoder_hidden_states=hidden, added_cond_kwargs=added)
         except _AllCaptured:
             pass

@@ -19,7 +19,7 @@ Encoders with ``needs_generator`` borrow the generator's modules (never register
 are not moved, saved or frozen through the encoder); `build_feature_encoder(name, generator=...)` passes
 the generator only to them. Encoders with ``needs_condition`` take the prompt conditioning at call time,
 ``features(latents, cond=generator.encode_prompts(...))``; the others ignore ``cond``, so a caller can
-always pass it.
+always pass it. `build_features_from_config` builds the encoder of a config's ``models.features`` section.
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ def build_feature_encoder(name: str, generator: OneStepGenerator | None = None, 
     return cls(**kwargs)
 
 
+def build_features_from_config(spec: dict[str, Any], generator: OneStepGenerator, device: str) -> FeatureEncoder:
+    """The encoder of a validated ``models.features`` config section, moved to `device`.
+
+    ``name`` picks the registry entry; ``keys`` and ``options`` become constructor arguments, and a non-empty
+    ``checkpoint`` becomes ``checkpoint_path``.
+    """
+    kwargs = {"keys": tuple(spec["keys"]), **spec["options"]}
+    if spec.get("checkpoint"):
+        kwargs["checkpoint_path"] = spec["checkpoint"]
+    return build_feature_encoder(spec["name"], generator=generator, **kwargs).to(device)
+
+
 __all__ = [
     "DINO_KEYS",
     "FEATURE_ENCODERS",
@@ -87,6 +99,7 @@ __all__ = [
     "TeacherUNetFeatures",
     "ViTMAEFeatures",
     "build_feature_encoder",
+    "build_features_from_config",
     "feature_head",
     "gn_groups",
     "parse_feature_key",

@@ -33,7 +33,8 @@ from torch import Tensor
 from drpo.cost.architectures import MAE_WIDTHS
 from drpo.cost.profile import UpdateSettings, drpo_loss, peak_memory
 from drpo.drift import drift_loss
-from drpo.features import SD_TURBO_MAE_KEYS, parse_feature_key
+from drpo.features.base import parse_feature_key
+from drpo.features.latent_mae import SD_TURBO_MAE_KEYS
 from drpo.methods.drpo import DrPOSettings
 
 LATENT_SIDE = 64  # 512 px / VAE factor 8

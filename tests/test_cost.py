@@ -20,7 +20,7 @@ from drpo.cost.flops import analytic_table, count, micro_step_flops, paper_model
 from drpo.cost.profile import COMPONENTS, Models, UpdateSettings, peak_memory, profile_updates, summarize
 from drpo.cost.report import PAPER, cost_table, measure_miniature, write_report
 from drpo.drift import drift_loss
-from drpo.features import LatentMAEFeatures
+from drpo.features.latent_mae import LatentMAEFeatures
 from drpo.generators import load_generator
 from drpo.lora import add_lora
 from drpo.methods.drpo import DrPOSettings

@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from drpo.drift import drpo_objective
-from drpo.features import FeatureEncoder
+from drpo.features.base import FeatureEncoder
 from drpo.generators import OneStepGenerator
 from drpo.methods.base import PromptBatch
 from drpo.methods.drpo import DrPOSettings

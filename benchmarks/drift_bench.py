@@ -35,7 +35,8 @@ from drpo.config import load_config
 from drpo.cost.architectures import MAE_WIDTHS
 from drpo.cost.profile import peak_memory
 from drpo.drift import drift_loss
-from drpo.features import SD_TURBO_MAE_KEYS, parse_feature_key
+from drpo.features.base import parse_feature_key
+from drpo.features.latent_mae import SD_TURBO_MAE_KEYS
 from drpo.methods.base import settings_from_section
 from drpo.methods.drpo import DrPOSettings, preference_loss
 

@@ -15,7 +15,7 @@ PROMPTS = ["a photo of a red circle", "a photo of a blue square", "a photo of tw
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny SD-Turbo-layout generator, latent-MAE checkpoint and CLIP reward folder."""
-    from drpo.features import LatentMAEEncoder, save_checkpoint
+    from drpo.features.latent_mae import LatentMAEEncoder, save_checkpoint
     from drpo.tiny import write_tiny_clip, write_tiny_sd_turbo
 
     root = tmp_path_factory.mktemp("tiny_models")

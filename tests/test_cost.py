@@ -21,7 +21,7 @@ from drpo.cost.flops import Models, UpdateShape, analytic_table, count, micro_st
 from drpo.cost.profile import SectionTimer, peak_memory, profile_updates, summarize
 from drpo.cost.report import PAPER, cost_table, drpo_settings, measure_miniature, write_report
 from drpo.drift import drift_loss
-from drpo.features import LatentMAEFeatures
+from drpo.features.latent_mae import LatentMAEFeatures
 from drpo.generators import load_generator
 from drpo.lora import add_lora
 from drpo.methods import build_method

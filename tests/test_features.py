@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from drpo.features import (
-    FEATURE_ENCODERS,
+from drpo.features import FEATURE_ENCODERS, build_feature_encoder
+from drpo.features.latent_mae import (
     SD_TURBO_MAE_KEYS,
     LatentMAEEncoder,
     LatentMAEFeatures,
-    RawLatentFeatures,
-    build_feature_encoder,
     gn_groups,
     save_checkpoint,
 )
+from drpo.features.raw_latent import RawLatentFeatures
 
 WIDTHS = (16, 32, 64, 64)
 
@@ -262,7 +261,7 @@ def test_registry(mae_ckpt):
 
 
 def test_flat_keys_keep_the_layout_that_mean_keys_lose():
-    from drpo.features import RawLatentFeatures
+    from drpo.features.raw_latent import RawLatentFeatures
 
     encoder = RawLatentFeatures(keys=("latent_flat", "latent_flat_2", "latent_mean"))
     x = torch.zeros(1, 4, 8, 8)

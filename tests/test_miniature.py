@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from drpo.features import LatentMAEFeatures
+from drpo.features.latent_mae import LatentMAEFeatures
 from drpo.generators import load_generator
 from drpo.miniature.autoencoder import decode, encode, load_autoencoder, train_autoencoder
 from drpo.miniature.data import (

@@ -69,7 +69,7 @@ def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
+def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
     """Run the UNet as its base model: LoRA adapters off, requires_grad flags restored afterwards.
 
     PEFT's disable/enable toggles also flip requires_grad of the adapter weights, hence the explicit restore.
@@ -146,7 +146,7 @@ class OneStepGenerator(ABC):
         noise = noise.to(self.device, self.dtype)
         if adapters:
             return self._one_step(cond, noise)
-        with torch.no_grad(), _adapters_disabled(self.unet):
+        with torch.no_grad(), adapters_disabled(self.unet):
             return self._one_step(cond, noise)
 
     def make_noise(

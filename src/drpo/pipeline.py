@@ -17,7 +17,7 @@ from drpo.provenance import write_provenance
 # ----------------------------------------------------------------------------------- components
 def load_models(config: dict, *, features: bool = True):
     """(generator, reward, feature encoder or None) as configured, on the configured device."""
-    from drpo.features import build_feature_encoder
+    from drpo.features import build_features_from_config
     from drpo.generators import load_generator
     from drpo.rewards import build_reward_from_config
 
@@ -25,13 +25,7 @@ def load_models(config: dict, *, features: bool = True):
     models = config["models"]
     generator = load_generator(models["generator"]["path"], models["generator"]["kind"], device=device)
     reward = build_reward_from_config(with_device(models["reward"], device))
-    encoder = None
-    if features:
-        spec = models["features"]
-        kwargs = {"keys": tuple(spec["keys"]), **spec["options"]}
-        if spec.get("checkpoint"):
-            kwargs["checkpoint_path"] = spec["checkpoint"]
-        encoder = build_feature_encoder(spec["name"], generator=generator, **kwargs).to(device)
+    encoder = build_features_from_config(models["features"], generator, device) if features else None
     return generator, reward, encoder
 
 

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
-from drpo.features import SD_TURBO_MAE_KEYS, LatentMAEEncoder, LatentMAEFeatures
+from drpo.features.latent_mae import SD_TURBO_MAE_KEYS, LatentMAEEncoder, LatentMAEFeatures
 from drpo.generators import OneStepGenerator, SDTurboGenerator, SDXLTurboGenerator
 from drpo.lora import add_lora
 from drpo.rewards import HPSv3Reward, PickScoreReward, Reward

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from drpo.cost.architectures import PROMPT, TINY, build_generator, build_mae, build_reward
-from drpo.features import FeatureEncoder
+from drpo.features.base import FeatureEncoder
 from drpo.generators import OneStepGenerator
 from drpo.methods.base import COMPONENTS
 from drpo.methods.drpo import DrPOSettings, preference_loss

@@ -167,7 +167,7 @@ def miniature_models(config: dict, prompts: Sequence[str], *, reward_hidden: int
     times the configured reward itself (use it with paper presets).
     """
     from drpo.config import resolve_device
-    from drpo.features import LatentMAEEncoder, LatentMAEFeatures, save_checkpoint
+    from drpo.features.latent_mae import LatentMAEEncoder, LatentMAEFeatures, save_checkpoint
     from drpo.generators import load_generator
     from drpo.lora import add_lora
     from drpo.pipeline import load_models

@@ -1,8 +1,8 @@
-"""The miniature's latent MAE: a drpo.features.LatentMAEEncoder trained by masked autoencoding on VAE latents.
+"""The miniature's latent MAE: a drpo.features.latent_mae encoder trained by masked autoencoding on VAE latents.
 
-Saved with drpo.features.save_checkpoint (the Drifting authors' flax export layout), so the DrPO trainer reads it
-through drpo.features.LatentMAEFeatures exactly as it reads the paper's `mae_latent_256_torch.pth`. The small
-decoder is stored alongside under "decoder.*" keys, which the feature loader ignores.
+Saved with drpo.features.latent_mae.save_checkpoint (the Drifting authors' flax export layout), so the DrPO trainer
+reads it through LatentMAEFeatures exactly as it reads the paper's `mae_latent_256_torch.pth`. The small decoder is
+stored alongside under "decoder.*" keys, which the feature loader ignores.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from drpo.features import LatentMAEEncoder, gn_groups, save_checkpoint
+from drpo.features.latent_mae import LatentMAEEncoder, gn_groups, save_checkpoint
 from drpo.miniature.autoencoder import encode, load_autoencoder
 from drpo.miniature.data import render_pool, to_float, write_provenance
 from drpo.world.spec import WorldSpec

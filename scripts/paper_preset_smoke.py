@@ -27,7 +27,7 @@ PROMPTS = ["a photo of a cat", "a red car on the street", "a blue dog", "a photo
 
 def write_stand_ins(root: Path, preset: str) -> dict:
     from drpo.features import LatentMAEEncoder, save_checkpoint
-    from drpo.rewards import aesthetic_mlp
+    from drpo.rewards.clip import aesthetic_mlp
     from drpo.tiny import write_tiny_clip, write_tiny_sd_turbo, write_tiny_sdxl_turbo
 
     root.mkdir(parents=True, exist_ok=True)

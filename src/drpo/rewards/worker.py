@@ -1,5 +1,8 @@
 """Black-box rewards: any command that reads images + prompts and writes scores, started once and kept alive.
 
+WorkerReward (the client, registered as "worker") and WorkerError; the named worker rewards ImageRewardWorker,
+HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the worker scripts of this repository.
+
 A reward whose package clashes with ours (ImageReward: timm 0.6.13; HPSv2: open_clip; GenEval: mmdet 2.x;
 the official HPSv3: transformers 4.45) runs as a worker in its own environment (envs/*.yaml). The line protocol
 (version 1; server side in workers/protocol.py, which workers copy or import):
@@ -50,11 +53,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from drpo.rewards import REWARDS, Reward
+from drpo.rewards.base import Reward
 
 PROTOCOL_VERSION = 1
-# The worker scripts of the repository (src layout: <repo>/src/drpo/reward_worker.py).
-WORKERS_DIR = Path(__file__).resolve().parents[2] / "workers"
+# The worker scripts of the repository (src layout: <repo>/src/drpo/rewards/worker.py).
+WORKERS_DIR = Path(__file__).resolve().parents[3] / "workers"
 STDERR_TAIL_LINES = 20
 
 log = logging.getLogger(__name__)
@@ -405,10 +408,3 @@ class HPSv3OfficialWorker(WorkerReward):
         command = _worker_command(python, "hpsv3_worker.py", "--model", model_path, "--checkpoint", checkpoint_path,
                                   "--device", device)
         super().__init__(command, **kwargs)
-
-
-REWARDS["worker"] = WorkerReward
-REWARDS["imagereward"] = ImageRewardWorker
-REWARDS["hpsv2"] = HPSv2Worker
-REWARDS["geneval"] = GenEvalWorker
-REWARDS["hpsv3_official"] = HPSv3OfficialWorker

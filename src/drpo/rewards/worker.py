@@ -5,7 +5,7 @@ HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the worker scrip
 
 A reward whose package clashes with ours (ImageReward: timm 0.6.13; HPSv2: open_clip; GenEval: mmdet 2.x;
 the official HPSv3: transformers 4.45) runs as a worker in its own environment (envs/*.yaml). The line protocol
-(version 1; server side in workers/protocol.py, which workers copy or import):
+(version 1; server side in workers/protocol.py beside this module, which workers copy or import):
 
     worker -> {"ready": true, "protocol": 1, "name": "imagereward", "version": "1.5"}     first line (handshake)
     client -> {"id": 7, "prompts": [...], "images": [base64 PNG, ...], "metadata": [...] or null}
@@ -56,8 +56,9 @@ from torch import Tensor
 from drpo.rewards.base import Reward
 
 PROTOCOL_VERSION = 1
-# The worker scripts of the repository (src layout: <repo>/src/drpo/rewards/worker.py).
-WORKERS_DIR = Path(__file__).resolve().parents[3] / "workers"
+# The worker scripts: package data next to this module. They stay plain scripts, run by another environment's
+# python that cannot import drpo, so they are not a subpackage.
+WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 STDERR_TAIL_LINES = 20
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ class WorkerReward(Reward):
     """A reward computed by a long-lived worker process (protocol in the module docstring); non-differentiable.
 
     Args:
-        command: the worker's command line, e.g. ["envs/.imagereward/bin/python", "workers/imagereward_worker.py",
-            "--checkpoint", ...].
+        command: the worker's command line, e.g. ["envs/.imagereward/bin/python",
+            "<WORKERS_DIR>/imagereward_worker.py", "--checkpoint", ...].
         cwd: working directory of the worker (default: ours).
         env: variables added to our environment for the worker (e.g. CUDA_VISIBLE_DEVICES).
         timeout_s: seconds to wait for each reply (one request holds up to `batch_size` images).
@@ -323,11 +324,12 @@ class WorkerReward(Reward):
 
 
 def _worker_command(python: str | os.PathLike | Sequence[str], script: str, *args: str | os.PathLike) -> list[str]:
-    """[interpreter, workers/<script>, *args]. `python` is the worker environment's interpreter: a path, or a
+    """[interpreter, WORKERS_DIR/<script>, *args]. `python` is the worker environment's interpreter: a path, or a
     launcher such as ["conda", "run", "--no-capture-output", "-n", "drpo-imagereward", "python"]."""
     path = WORKERS_DIR / script
     if not path.is_file():
-        raise FileNotFoundError(f"worker script {path} not found; install drpo from its repository (pip install -e .)")
+        raise FileNotFoundError(f"worker script {path} not found; this drpo installation lacks its package data "
+                                "(drpo/rewards/workers/*.py)")
     launcher = [python] if isinstance(python, (str, os.PathLike)) else list(python)
     return [*map(os.fspath, launcher), str(path), *map(os.fspath, args)]
 

@@ -24,7 +24,7 @@ def load_models(config: dict, *, features: bool = True):
     device = resolve_device(config["device"])
     models = config["models"]
     generator = load_generator(models["generator"]["path"], models["generator"]["kind"], device=device)
-    reward = build_reward_from_config(with_device(models["reward"], device))
+    reward = build_reward_from_config(reward_spec(models["reward"]), device=device)
     encoder = None
     if features:
         spec = models["features"]
@@ -35,18 +35,13 @@ def load_models(config: dict, *, features: bool = True):
     return generator, reward, encoder
 
 
-def with_device(reward_spec: dict, device: str) -> dict:
-    """A reward spec with ``device`` set on it (or on every ensemble member) unless it names its own."""
-    import inspect
+def reward_spec(spec: dict) -> dict:
+    """A reward spec of the config as drpo.rewards builds it: an ensemble is its ``ensemble`` mapping alone.
 
-    from drpo.rewards import REWARDS
-
-    if "ensemble" in reward_spec:
-        return {"ensemble": {k: with_device({"name": k} | v, device) for k, v in reward_spec["ensemble"].items()}}
-    reward_class = REWARDS.get(reward_spec.get("name"))
-    if reward_class is None or "device" not in inspect.signature(reward_class.__init__).parameters:
-        return dict(reward_spec)  # unknown names fail in the registry; some rewards take no device
-    return {"device": device} | reward_spec
+    A preset's ensemble merged over config.yaml's single reward keeps that reward's name and path beside it (and a
+    held-out ensemble gets its label as name); the ensemble ignores them.
+    """
+    return {"ensemble": spec["ensemble"]} if "ensemble" in spec else spec
 
 
 def world_spec(config: dict):
@@ -125,7 +120,7 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
 
     generator, reward, _ = load_models(config, features=False)
     device = str(generator.device)
-    held_out = {label: build_reward_from_config(with_device({"name": label} | spec, device))
+    held_out = {label: build_reward_from_config(reward_spec({"name": label} | spec), device=device)
                 for label, spec in config["evaluate"]["rewards"].items() if spec is not None}
     adapters = run_dir is not None
     if adapters:

@@ -21,7 +21,9 @@ Config shape (`build_reward_from_config`), a single reward or a weighted ensembl
         "ir": {"name": "imagereward", "weight": 1.0, "python": "envs/.imagereward/bin/python", ...}}}
 
 Every other key is passed to the reward's constructor. An ensemble member's key is its registry name unless the
-member sets "name" (so one registry entry can appear twice under two keys).
+member sets "name" (so one registry entry can appear twice under two keys). `build_reward_from_config(spec,
+device=...)` gives that device to every reward and member whose class sets `takes_device` and whose spec names no
+"device" of its own.
 
 Adding a reward is one subclass in a member module (which imports drpo.rewards.base, never this package) and one
 entry in REWARDS here:
@@ -78,7 +80,7 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     return REWARDS[name](**kwargs)
 
 
-def _build_member(spec: dict[str, Any], where: str) -> Reward:
+def _build_member(spec: dict[str, Any], where: str, device: str | None) -> Reward:
     if not isinstance(spec.get("name"), str):
         raise ValueError(f"{where}: needs a 'name' (one of {sorted(REWARDS)}), got {spec}")
     # path: null (a config merged over one that names a model folder) means the reward has no model folder.
@@ -87,15 +89,22 @@ def _build_member(spec: dict[str, Any], where: str) -> Reward:
         if "model_path" in kwargs:
             raise ValueError(f"{where}: give 'path' or 'model_path', not both")
         kwargs["model_path"] = kwargs.pop("path")
+    reward_class = REWARDS.get(spec["name"])  # an unknown name fails in build_reward
+    if device is not None and "device" not in kwargs and reward_class is not None and reward_class.takes_device:
+        kwargs["device"] = device
     return build_reward(spec["name"], **kwargs)
 
 
-def build_reward_from_config(spec: dict[str, Any]) -> Reward:
-    """A reward, or a weighted ensemble, from its config mapping (shape in the module docstring)."""
+def build_reward_from_config(spec: dict[str, Any], device: str | None = None) -> Reward:
+    """A reward, or a weighted ensemble, from its config mapping (shape in the module docstring).
+
+    `device` goes to every reward (every ensemble member) whose constructor takes one (`Reward.takes_device`)
+    and whose spec names no device of its own.
+    """
     if not isinstance(spec, dict):
         raise ValueError(f"reward config must be a mapping, got {type(spec).__name__}")
     if "ensemble" not in spec:
-        return _build_member(spec, "reward config")
+        return _build_member(spec, "reward config", device)
     if set(spec) != {"ensemble"} or not isinstance(spec["ensemble"], dict) or not spec["ensemble"]:
         raise ValueError(f"reward config: an ensemble is {{'ensemble': {{key: {{'weight': w, ...}}, ...}}}} and "
                          f"nothing else, got {spec}")
@@ -105,7 +114,8 @@ def build_reward_from_config(spec: dict[str, Any]) -> Reward:
         if not isinstance(member, dict) or not isinstance(member.get("weight"), (int, float)):
             raise ValueError(f"{where}: needs a numeric 'weight', got {member}")
         weights[key] = float(member["weight"])
-        rewards[key] = _build_member({"name": key} | {k: v for k, v in member.items() if k != "weight"}, where)
+        rewards[key] = _build_member({"name": key} | {k: v for k, v in member.items() if k != "weight"}, where,
+                                     device)
     return EnsembleReward(rewards, weights)
 
 

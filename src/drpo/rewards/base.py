@@ -25,12 +25,15 @@ class Reward(ABC):
     """A reward model. Subclasses set `name`, `differentiable` and implement `_score`.
 
     `requires_metadata`: the reward needs one metadata dict per image (per prompt in `score_groups`).
+    `takes_device`: the constructor takes a `device` argument, so a config build can place the reward on the
+    workflow's device (`build_reward_from_config(spec, device=...)`); a reward without one runs where it runs.
     """
 
     name: str = "reward"
     differentiable: bool = False
     report_scale: float = 1.0
     requires_metadata: bool = False
+    takes_device: bool = False
 
     @abstractmethod
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:

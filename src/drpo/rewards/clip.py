@@ -31,6 +31,8 @@ class CLIPImageReward(Reward):
         batch_size: images per forward pass.
     """
 
+    takes_device = True
+
     def __init__(
         self,
         model_path: str | Path,

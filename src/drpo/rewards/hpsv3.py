@@ -184,6 +184,7 @@ class HPSv3Reward(Reward):
 
     name = "hpsv3"
     differentiable = True
+    takes_device = True
 
     def __init__(
         self,

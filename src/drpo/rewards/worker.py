@@ -349,6 +349,7 @@ class ImageRewardWorker(WorkerReward):
 
     name = "imagereward"
     report_scale = 10.0
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], checkpoint_path: str, med_config: str, tokenizer_path: str, *,
                  device: str = "cuda", **kwargs: Any) -> None:
@@ -366,6 +367,7 @@ class HPSv2Worker(WorkerReward):
 
     name = "hpsv2"
     report_scale = 100.0
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], clip_checkpoint: str, checkpoint_path: str, *,
                  device: str = "cuda", **kwargs: Any) -> None:
@@ -384,6 +386,7 @@ class GenEvalWorker(WorkerReward):
 
     name = "geneval"
     requires_metadata = True
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], geneval_dir: str, detector_checkpoint: str, clip_checkpoint: str,
                  *, detector_config: str | None = None, device: str = "cuda", **kwargs: Any) -> None:
@@ -403,6 +406,7 @@ class HPSv3OfficialWorker(WorkerReward):
     """
 
     name = "hpsv3_official"
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], model_path: str, checkpoint_path: str, *,
                  device: str = "cuda", **kwargs: Any) -> None:

@@ -1,11 +1,11 @@
 """Black-box rewards: any command that reads images + prompts and writes scores, started once and kept alive.
 
 WorkerReward (the client, registered as "worker") and WorkerError; the named worker rewards ImageRewardWorker,
-HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the worker scripts of this repository.
+HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the scripts in workers/ beside this module.
 
 A reward whose package clashes with ours (ImageReward: timm 0.6.13; HPSv2: open_clip; GenEval: mmdet 2.x;
 the official HPSv3: transformers 4.45) runs as a worker in its own environment (envs/*.yaml). The line protocol
-(version 1; server side in workers/protocol.py beside this module, which workers copy or import):
+(version 1; server side in workers/protocol.py, which workers copy or import):
 
     worker -> {"ready": true, "protocol": 1, "name": "imagereward", "version": "1.5"}     first line (handshake)
     client -> {"id": 7, "prompts": [...], "images": [base64 PNG, ...], "metadata": [...] or null}

@@ -27,7 +27,7 @@ PROMPTS = ["a photo of a cat", "a red car on the street", "a blue dog", "a photo
 
 def write_stand_ins(root: Path, preset: str) -> dict:
     from drpo.features.latent_mae import LatentMAEEncoder, save_checkpoint
-    from drpo.rewards import aesthetic_mlp
+    from drpo.rewards.clip import aesthetic_mlp
     from drpo.tiny import write_tiny_clip, write_tiny_sd_turbo, write_tiny_sdxl_turbo
 
     root.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,8 @@ def write_stand_ins(root: Path, preset: str) -> dict:
 
 
 def override(root: Path, files: dict, preset: str) -> dict:
+    from drpo.rewards.worker import WORKERS_DIR
+
     python = sys.executable
     return {
         "results_dir": str(root / "results"),
@@ -72,7 +74,7 @@ def override(root: Path, files: dict, preset: str) -> dict:
         "evaluate": {"seeds": [42, 43], "batch_size": 8, "rewards": {
             "clip": {"path": files["clip"]},
             "aesthetic": {"path": files["clip"], "head_path": files["head"]},
-            "brightness": {"name": "worker", "command": [python, str(REPO / "workers" / "mean_brightness_worker.py")]},
+            "brightness": {"name": "worker", "command": [python, str(WORKERS_DIR / "mean_brightness_worker.py")]},
             "hpsv2": None,
             "imagereward": None,
         }},

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from drpo.reward_worker import (
+from drpo.rewards.worker import (
     WORKERS_DIR,
     GenEvalWorker,
     HPSv2Worker,

@@ -15,14 +15,14 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from drpo.rewards import (
-    HPSV3_INSTRUCTION,
     AestheticReward,
     EnsembleReward,
     GenEvalLiteReward,
     HPSv3Reward,
-    aesthetic_mlp,
     build_reward_from_config,
 )
+from drpo.rewards.clip import aesthetic_mlp
+from drpo.rewards.hpsv3 import HPSV3_INSTRUCTION
 from drpo.tiny import write_tiny_clip
 from drpo.world.prompts import all_prompts
 from drpo.world.render import render, render_negative

@@ -24,23 +24,9 @@ def load_models(config: dict, *, features: bool = True):
     device = resolve_device(config["device"])
     models = config["models"]
     generator = load_generator(models["generator"]["path"], models["generator"]["kind"], device=device)
-    reward = build_reward_from_config(with_device(models["reward"], device))
+    reward = build_reward_from_config(models["reward"], device=device)
     encoder = build_features_from_config(models["features"], generator, device) if features else None
     return generator, reward, encoder
-
-
-def with_device(reward_spec: dict, device: str) -> dict:
-    """A reward spec with ``device`` set on it (or on every ensemble member) unless it names its own."""
-    import inspect
-
-    from drpo.rewards import REWARDS
-
-    if "ensemble" in reward_spec:
-        return {"ensemble": {k: with_device({"name": k} | v, device) for k, v in reward_spec["ensemble"].items()}}
-    reward_class = REWARDS.get(reward_spec.get("name"))
-    if reward_class is None or "device" not in inspect.signature(reward_class.__init__).parameters:
-        return dict(reward_spec)  # unknown names fail in the registry; some rewards take no device
-    return {"device": device} | reward_spec
 
 
 def world_spec(config: dict):
@@ -119,7 +105,7 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
 
     generator, reward, _ = load_models(config, features=False)
     device = str(generator.device)
-    held_out = {label: build_reward_from_config(with_device({"name": label} | spec, device))
+    held_out = {label: build_reward_from_config({"name": label} | spec, device=device)
                 for label, spec in config["evaluate"]["rewards"].items() if spec is not None}
     adapters = run_dir is not None
     if adapters:

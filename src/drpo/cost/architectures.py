@@ -116,8 +116,8 @@ QWEN2_VL_7B_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_
 # for a square image: 32 x 32 patches of 14 px, merged 2 x 2 into 256 visual tokens.
 HPSV3_MAX_PIXELS = 256 * 28 * 28
 # Our estimate of the text tokens around the image (only their number matters here): Qwen2-VL's chat template
-# (~25), HPSv3's rating instruction as drpo.rewards.HPSV3_INSTRUCTION has it (2,585 characters, 378 words and the
-# "<|Reward|>" suffix: ~500 Qwen2 tokens) and a Pick-a-Pic prompt (~15).
+# (~25), HPSv3's rating instruction as drpo.rewards.hpsv3.HPSV3_INSTRUCTION has it (2,585 characters, 378 words
+# and the "<|Reward|>" suffix: ~500 Qwen2 tokens) and a Pick-a-Pic prompt (~15).
 HPSV3_TEXT_TOKENS = 540
 # HPSv3's "ranknet" rm_head on the "<|Reward|>" token's last hidden state: 3584 -> 1024 -> 16 -> 2 (mean, std).
 HPSV3_HEAD = (1024, 16, 2)

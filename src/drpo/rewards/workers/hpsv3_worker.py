@@ -1,4 +1,4 @@
-"""Official HPSv3 worker (environment: envs/hpsv3.yaml; client: drpo.reward_worker.HPSv3OfficialWorker).
+"""Official HPSv3 worker (environment: envs/hpsv3.yaml; client: drpo.rewards.worker.HPSv3OfficialWorker).
 
 The hpsv3 1.0.0 package on transformers 4.45, as the DrPO authors ran it: its HPSv3_7B.yaml copied with
 model_name_or_path set to the local Qwen2-VL-7B-Instruct folder, the local HPSv3.safetensors, and the first

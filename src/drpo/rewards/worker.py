@@ -1,5 +1,8 @@
 """Black-box rewards: any command that reads images + prompts and writes scores, started once and kept alive.
 
+WorkerReward (the client, registered as "worker") and WorkerError; the named worker rewards ImageRewardWorker,
+HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the scripts in workers/ beside this module.
+
 A reward whose package clashes with ours (ImageReward: timm 0.6.13; HPSv2: open_clip; GenEval: mmdet 2.x;
 the official HPSv3: transformers 4.45) runs as a worker in its own environment (envs/*.yaml). The line protocol
 (version 1; server side in workers/protocol.py, which workers copy or import):
@@ -50,11 +53,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from drpo.rewards import REWARDS, Reward
+from drpo.rewards.base import Reward
 
 PROTOCOL_VERSION = 1
-# The worker scripts of the repository (src layout: <repo>/src/drpo/reward_worker.py).
-WORKERS_DIR = Path(__file__).resolve().parents[2] / "workers"
+# The worker scripts: package data next to this module. They stay plain scripts, run by another environment's
+# python that cannot import drpo, so they are not a subpackage.
+WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 STDERR_TAIL_LINES = 20
 
 log = logging.getLogger(__name__)
@@ -116,8 +120,8 @@ class WorkerReward(Reward):
     """A reward computed by a long-lived worker process (protocol in the module docstring); non-differentiable.
 
     Args:
-        command: the worker's command line, e.g. ["envs/.imagereward/bin/python", "workers/imagereward_worker.py",
-            "--checkpoint", ...].
+        command: the worker's command line, e.g. ["envs/.imagereward/bin/python",
+            "<WORKERS_DIR>/imagereward_worker.py", "--checkpoint", ...].
         cwd: working directory of the worker (default: ours).
         env: variables added to our environment for the worker (e.g. CUDA_VISIBLE_DEVICES).
         timeout_s: seconds to wait for each reply (one request holds up to `batch_size` images).
@@ -320,11 +324,12 @@ class WorkerReward(Reward):
 
 
 def _worker_command(python: str | os.PathLike | Sequence[str], script: str, *args: str | os.PathLike) -> list[str]:
-    """[interpreter, workers/<script>, *args]. `python` is the worker environment's interpreter: a path, or a
+    """[interpreter, WORKERS_DIR/<script>, *args]. `python` is the worker environment's interpreter: a path, or a
     launcher such as ["conda", "run", "--no-capture-output", "-n", "drpo-imagereward", "python"]."""
     path = WORKERS_DIR / script
     if not path.is_file():
-        raise FileNotFoundError(f"worker script {path} not found; install drpo from its repository (pip install -e .)")
+        raise FileNotFoundError(f"worker script {path} not found; this drpo installation lacks its package data "
+                                "(drpo/rewards/workers/*.py)")
     launcher = [python] if isinstance(python, (str, os.PathLike)) else list(python)
     return [*map(os.fspath, launcher), str(path), *map(os.fspath, args)]
 
@@ -344,6 +349,7 @@ class ImageRewardWorker(WorkerReward):
 
     name = "imagereward"
     report_scale = 10.0
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], checkpoint_path: str, med_config: str, tokenizer_path: str, *,
                  device: str = "cuda", **kwargs: Any) -> None:
@@ -361,6 +367,7 @@ class HPSv2Worker(WorkerReward):
 
     name = "hpsv2"
     report_scale = 100.0
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], clip_checkpoint: str, checkpoint_path: str, *,
                  device: str = "cuda", **kwargs: Any) -> None:
@@ -379,6 +386,7 @@ class GenEvalWorker(WorkerReward):
 
     name = "geneval"
     requires_metadata = True
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], geneval_dir: str, detector_checkpoint: str, clip_checkpoint: str,
                  *, detector_config: str | None = None, device: str = "cuda", **kwargs: Any) -> None:
@@ -398,6 +406,7 @@ class HPSv3OfficialWorker(WorkerReward):
     """
 
     name = "hpsv3_official"
+    takes_device = True
 
     def __init__(self, python: str | Sequence[str], model_path: str, checkpoint_path: str, *,
                  device: str = "cuda", **kwargs: Any) -> None:
@@ -405,10 +414,3 @@ class HPSv3OfficialWorker(WorkerReward):
         command = _worker_command(python, "hpsv3_worker.py", "--model", model_path, "--checkpoint", checkpoint_path,
                                   "--device", device)
         super().__init__(command, **kwargs)
-
-
-REWARDS["worker"] = WorkerReward
-REWARDS["imagereward"] = ImageRewardWorker
-REWARDS["hpsv2"] = HPSv2Worker
-REWARDS["geneval"] = GenEvalWorker
-REWARDS["hpsv3_official"] = HPSv3OfficialWorker

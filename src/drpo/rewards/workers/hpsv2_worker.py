@@ -1,4 +1,4 @@
-"""HPSv2 worker (environment: envs/hpsv2.yaml; client: drpo.reward_worker.HPSv2Worker).
+"""HPSv2 worker (environment: envs/hpsv2.yaml; client: drpo.rewards.worker.HPSv2Worker).
 
 HPSv2.0 = open_clip ViT-H-14 built from the local laion2B-s32B-b79K weights, then HPS_v2_compressed.pt loaded
 over it. Score = cosine similarity of the normalised image and text embeddings (no logit scale), computed under

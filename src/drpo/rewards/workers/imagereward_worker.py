@@ -1,4 +1,4 @@
-"""ImageReward worker (environment: envs/imagereward.yaml; client: drpo.reward_worker.ImageRewardWorker).
+"""ImageReward worker (environment: envs/imagereward.yaml; client: drpo.rewards.worker.ImageRewardWorker).
 
 Loads THUDM's ImageReward v1.0 from local files only and answers with the package's normalised reward per image.
 The package's BLIP always asks transformers for the `bert-base-uncased` tokenizer by hub name (ImageReward

@@ -1,4 +1,4 @@
-"""GenEval worker (environment: envs/geneval.yaml; client: drpo.reward_worker.GenEvalWorker).
+"""GenEval worker (environment: envs/geneval.yaml; client: drpo.rewards.worker.GenEvalWorker).
 
 Runs the official judge of djghosh13/geneval (`evaluation/evaluate_images.py` of a local clone): Mask2Former
 Swin-S (mmdet 2.x) detection, CLIP ViT-L-14 colour classification, GenEval's rules. That script sets its models

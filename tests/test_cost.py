@@ -157,7 +157,8 @@ def test_the_timed_update_computes_the_methods_own_loss(tiny_config, tiny_cpu_mo
 def test_draft_streamed_one_candidate_per_backward_gives_the_same_update(tiny_config, tiny_cpu_models):
     params = tiny_cpu_models.params
     start = [p.detach().clone() for p in params]
-    bank = build_reference_bank(tiny_cpu_models.generator, PROMPTS[:2], candidates=4, noise_sets=1, seed=0)
+    bank = build_reference_bank(tiny_cpu_models.generator, PROMPTS[:2], candidates=4, noise_sets=1, seed=0,
+                                batch_size=8)
     steps = []
     for chunk in (None, 1):
         (method,), settings = _profiled(tiny_config, tiny_cpu_models, ["draft"], candidates_per_backward=chunk)

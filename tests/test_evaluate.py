@@ -22,11 +22,13 @@ def test_a_group_of_prompts_is_scored_as_in_the_whole_split(tiny_config):
     generator, reward, _ = load_models(tiny_config, features=False)
     rows = [{"prompt": p} for p in PROMPTS]
     seeds = [1, 2, 3]
-    whole = score_latents(generator, reward, sample_latents(generator, PROMPTS, seeds), rows, seeds)
+    whole = score_latents(generator, reward, sample_latents(generator, PROMPTS, seeds, batch_size=8), rows, seeds,
+                          batch_size=8)
     indices = [0, 2]
     group = score_latents(generator, reward,
-                          sample_latents(generator, [PROMPTS[i] for i in indices], seeds, prompt_indices=indices),
-                          [rows[i] for i in indices], seeds, prompt_indices=indices)
+                          sample_latents(generator, [PROMPTS[i] for i in indices], seeds, batch_size=8,
+                                         prompt_indices=indices),
+                          [rows[i] for i in indices], seeds, batch_size=8, prompt_indices=indices)
     for full, part in zip(whole, group):
         expected = full[full["prompt_index"].isin(indices)].reset_index(drop=True)
         torch.testing.assert_close(torch.tensor(part.select_dtypes("number").to_numpy()),
@@ -49,10 +51,10 @@ def test_diversity_comes_from_a_held_out_reward_when_the_target_has_no_image_emb
 
     generator, clip, _ = load_models(tiny_config, features=False)
     rows, seeds = [{"prompt": p} for p in PROMPTS], [1, 2, 3]
-    latents = sample_latents(generator, PROMPTS, seeds)
-    _, with_clip = score_latents(generator, clip, latents, rows, seeds)
-    _, borrowed = score_latents(generator, Brightness(), latents, rows, seeds, held_out={"clip": clip})
-    _, without = score_latents(generator, Brightness(), latents, rows, seeds)
+    latents = sample_latents(generator, PROMPTS, seeds, batch_size=8)
+    _, with_clip = score_latents(generator, clip, latents, rows, seeds, batch_size=8)
+    _, borrowed = score_latents(generator, Brightness(), latents, rows, seeds, batch_size=8, held_out={"clip": clip})
+    _, without = score_latents(generator, Brightness(), latents, rows, seeds, batch_size=8)
     torch.testing.assert_close(torch.tensor(borrowed["diversity"].to_numpy()),
                                torch.tensor(with_clip["diversity"].to_numpy()))
     assert without["diversity"].isna().all() and len(without) == len(PROMPTS)

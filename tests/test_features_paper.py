@@ -20,7 +20,7 @@ from drpo.features import FEATURE_ENCODERS, build_feature_encoder
 from drpo.features.raw_latent import RawLatentFeatures
 from drpo.features.teacher_unet import TEACHER_LAYERS, TeacherUNetFeatures
 from drpo.features.vit import DINO_KEYS, DinoFeatures, ViTMAEFeatures
-from drpo.generators import load_generator
+from drpo.generators import load_generator, to_uint8
 from drpo.lora import add_lora
 from drpo.tiny import write_tiny_sd_turbo, write_tiny_sdxl_turbo
 
@@ -206,7 +206,7 @@ def test_vit_preprocessing_matches_the_hf_processor(sd, folders):
     feats = ViTMAEFeatures(sd, folders["vit_mae"], keys=("layer2_cls",), mask_ratio=0.0)
     with torch.no_grad():
         images = sd.decode(_latents(2))
-    pixels = sd.to_uint8(images)  # what the processor sees
+    pixels = to_uint8(images)  # what the processor sees
     ours = feats.preprocess(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1)
     processor = ViTImageProcessor.from_pretrained(folders["vit_mae"], local_files_only=True)
     theirs = processor(images=list(pixels.numpy()), return_tensors="np")["pixel_values"]

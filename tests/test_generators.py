@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from drpo.generators import PromptEmbedding, image_seed, load_generator
+from drpo.generators import PromptEmbedding, image_seed, load_generator, to_uint8
 from drpo.lora import add_lora
 from drpo.tiny import build_clip_tokenizer, write_tiny_sd_turbo, write_tiny_sdxl_turbo
 
@@ -152,7 +152,7 @@ def test_decode_range_chunks_gradient_and_uint8(folders):
     images.sum().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
 
-    pixels = gen.to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2))
+    pixels = to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2))
     assert pixels.dtype == torch.uint8 and pixels.shape == (2, 2, 2, 3)
     assert pixels[0, 0, 0].tolist() == [0, 128, 255]
 

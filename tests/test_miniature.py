@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drpo.features.latent_mae import LatentMAEFeatures
-from drpo.generators import load_generator
+from drpo.generators import load_generator, to_uint8
 from drpo.miniature.autoencoder import decode, encode, load_autoencoder, train_autoencoder
 from drpo.miniature.data import (
     max_prompt_tokens,
@@ -15,7 +15,6 @@ from drpo.miniature.data import (
     render_pool,
     to_float,
     to_tensor,
-    to_uint8,
     vocabulary,
 )
 from drpo.miniature.distill import distill_generator, solve_flow
@@ -55,7 +54,7 @@ def test_image_conversions_round_trip():
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     x = to_tensor(images)
     assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    np.testing.assert_array_equal(to_uint8(x), images)
+    np.testing.assert_array_equal(to_uint8(x).numpy(), images)
 
 
 def test_render_pool_and_pairs_follow_the_rows(splits):

@@ -5,7 +5,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from drpo.world.detect import detect, judge, object_counts, relative_position
+from drpo.world.detect import detect, judge, judge_by_tag, relative_position
 from drpo.world.prompts import TAGS, all_prompts
 from drpo.world.render import CORRUPTIONS, corruption_kinds, render, render_negative
 from drpo.world.spec import WorldSpec
@@ -190,16 +190,18 @@ def test_relative_position_uses_geneval_margin():
     assert relative_position((0, 0, 10, 10), (12, 12, 22, 22)) == {"left of", "above"}
 
 
-def test_object_counts_find_what_renders_draw_and_flag_extra_shapes():
+def test_judge_by_tag_passes_renders_counts_their_objects_and_flags_extra_shapes():
     rng = np.random.default_rng(0)
     rows = [row for tag in TAGS for row in [r for r in ROWS if r["tag"] == tag][:3]]
     images = [render(row, rng, SPEC) for row in rows]
-    counts = object_counts(images, rows, SPEC)
-    assert set(counts) == set(TAGS)
+    verdicts = judge_by_tag(images, rows, SPEC)
+    assert set(verdicts) == set(TAGS)
     for tag in TAGS:
         asked = np.mean([sum(e["count"] for e in row["include"]) for row in rows if row["tag"] == tag])
-        assert counts[tag] == (asked, 0.0), tag
-    # Two objects drawn for a single-object prompt: every image has more than asked.
+        assert verdicts[tag] == {"correct": 1.0, "objects": asked, "extra": 0.0}, tag
+    # Two objects drawn for a single-object prompt: every image has more than asked, and GenEval passes it.
     single = next(row for row in ROWS if row["tag"] == "single_object")
     pair = next(row for row in ROWS if row["tag"] == "two_object")
-    assert object_counts([render(pair, rng, SPEC)] * 2, [single] * 2, SPEC)["single_object"] == (2.0, 1.0)
+    drawn = [render({**pair, "include": [{**pair["include"][0], "class": single["include"][0]["class"]},
+                                         pair["include"][1]]}, rng, SPEC) for _ in range(2)]
+    assert judge_by_tag(drawn, [single] * 2, SPEC)["single_object"] == {"correct": 1.0, "objects": 2.0, "extra": 1.0}

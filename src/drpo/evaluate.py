@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from drpo.generators import image_seed
+from drpo.generators import image_seed, to_uint8
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -43,7 +43,7 @@ def evaluation_seeds(rows: list[dict], seeds: list[int], min_images_per_tag: int
 
 
 @torch.no_grad()
-def sample_latents(generator, prompts: list[str], seeds: list[int], *, batch_size: int = 64,
+def sample_latents(generator, prompts: list[str], seeds: list[int], *, batch_size: int,
                    adapters: bool = True, prompt_indices: list[int] | None = None) -> torch.Tensor:
     """Latents for every (prompt, seed): (len(prompts) * len(seeds), C, H, W), prompt-major, on CPU.
 
@@ -62,8 +62,19 @@ def sample_latents(generator, prompts: list[str], seeds: list[int], *, batch_siz
 
 
 @torch.no_grad()
+def sample_images(generator, prompts: list[str], seeds: list[int], *, batch_size: int, adapters: bool = True,
+                  prompt_indices: list[int] | None = None) -> np.ndarray:
+    """uint8 images (len(prompts) * len(seeds), H, W, 3) for every (prompt, seed), prompt-major, with the
+    evaluation's noises (:func:`sample_latents`)."""
+    latents = sample_latents(generator, prompts, seeds, batch_size=batch_size, adapters=adapters,
+                             prompt_indices=prompt_indices)
+    return torch.cat([to_uint8(generator.decode(chunk.to(generator.device))) for chunk in latents.split(batch_size)
+                      ]).numpy()
+
+
+@torch.no_grad()
 def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], seeds: list[int], *,
-                  batch_size: int = 64, world_spec=None, images_dir: str | Path | None = None,
+                  batch_size: int, world_spec=None, images_dir: str | Path | None = None,
                   held_out: dict | None = None,
                   prompt_indices: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and score latents from :func:`sample_latents`.
@@ -93,8 +104,7 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
                  for label, other in held_out.items()}
         if embedder is not None:
             embeddings.append(embedder.embed_images(images).float().cpu())
-        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        pixels = to_uint8(images).numpy()
         for offset, (row, score, image) in enumerate(zip(batch_rows, scores.tolist(), pixels)):
             flat = start + offset
             record = {"prompt_index": indices[flat // n_seeds], "seed": seeds[flat % n_seeds],

@@ -23,6 +23,13 @@ KINDS = ("sd-turbo", "sdxl-turbo")
 EVAL_SEED_STRIDE = 1_000_000
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) on the CPU: the rounding of every PNG the pipeline
+    writes and of every image the detector or a black-box reward sees."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu()
+
+
 def image_seed(seed: int, prompt_id: int) -> int:
     """Evaluation noise seed of one image: `seed * 1_000_000 + prompt_id` (prompt_id = 0-based prompt line)."""
     return seed * EVAL_SEED_STRIDE + prompt_id
@@ -186,12 +193,6 @@ class OneStepGenerator(ABC):
         chunks = latents.split(chunk_size or latents.shape[0])
         images = [self.vae.decode((c / scale).to(self.device, self.vae.dtype)).sample for c in chunks]
         return torch.cat(images).float().clamp(-1, 1)
-
-    @staticmethod
-    def to_uint8(images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) on the CPU (same rounding as diffusers)."""
-        pixels = ((images.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round()
-        return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 class SDTurboGenerator(OneStepGenerator):

@@ -18,15 +18,26 @@ from drpo.provenance import write_provenance
 def load_models(config: dict, *, features: bool = True):
     """(generator, reward, feature encoder or None) as configured, on the configured device."""
     from drpo.features import build_features_from_config
-    from drpo.generators import load_generator
     from drpo.rewards import build_reward_from_config
 
     device = resolve_device(config["device"])
-    models = config["models"]
-    generator = load_generator(models["generator"]["path"], models["generator"]["kind"], device=device)
-    reward = build_reward_from_config(models["reward"], device=device)
-    encoder = build_features_from_config(models["features"], generator, device) if features else None
+    generator = load_generator_at(config)
+    reward = build_reward_from_config(config["models"]["reward"], device=device)
+    encoder = build_features_from_config(config["models"]["features"], generator, device) if features else None
     return generator, reward, encoder
+
+
+def load_generator_at(config: dict, checkpoint: str | Path | None = None):
+    """The configured generator, on the configured device, with a run's LoRA checkpoint folder loaded (the frozen
+    base when ``checkpoint`` is None)."""
+    from drpo.generators import load_generator
+    from drpo.lora import load_lora
+
+    spec = config["models"]["generator"]
+    generator = load_generator(spec["path"], spec["kind"], device=resolve_device(config["device"]))
+    if checkpoint is not None:
+        load_lora(generator.unet, checkpoint)
+    return generator
 
 
 def world_spec(config: dict):
@@ -158,22 +169,19 @@ def make_report(summary_files: list[str], tables_dir: str | Path, reward_png: st
 @torch.no_grad()
 def make_grid(config: dict, prompts_path: str | Path, run_dir: str | Path, method: str,
               out_png: str | Path) -> None:
-    from drpo.evaluate import sample_latents
-    from drpo.lora import load_lora
+    from drpo.evaluate import sample_images
     from drpo.report import plot_grid
     from drpo.train import latest_checkpoint
 
-    generator, _, _ = load_models(config, features=False)
+    generator = load_generator_at(config, latest_checkpoint(run_dir))
     rows = read_rows(prompts_path)
     indices = [i for i in config["report"]["grid_prompts"] if i < len(rows)]
     seeds = config["report"]["grid_seeds"]
     prompts = [rows[i]["prompt"] for i in indices]
-    load_lora(generator.unet, latest_checkpoint(run_dir))
 
     def images(adapters: bool):
-        latents = sample_latents(generator, prompts, seeds, adapters=adapters, prompt_indices=indices)
-        pixels = ((generator.decode(latents.to(generator.device)).clamp(-1, 1) + 1) * 127.5).round()
-        return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy().reshape(
-            len(prompts), len(seeds), *pixels.shape[2:], 3)
+        pixels = sample_images(generator, prompts, seeds, batch_size=config["evaluate"]["batch_size"],
+                               adapters=adapters, prompt_indices=indices)
+        return pixels.reshape(len(prompts), len(seeds), *pixels.shape[1:])
 
     plot_grid(images(False), images(True), prompts, out_png, tuned_label=method)

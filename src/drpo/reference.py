@@ -83,7 +83,7 @@ class ReferenceBank:
 
 @torch.no_grad()
 def build_reference_bank(generator, prompts: list[str], *, candidates: int, noise_sets: int,
-                         seed: int, batch_size: int = 64) -> ReferenceBank:
+                         seed: int, batch_size: int) -> ReferenceBank:
     """Sample the frozen base generator (adapters off) for the bank's noises of every prompt."""
     shape = tuple(generator.latent_shape)
     noise = torch.stack([

@@ -21,7 +21,8 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 from tqdm import tqdm
 
-from drpo.miniature.data import render_batch, sample_rows, to_uint8, write_provenance
+from drpo.generators import to_uint8
+from drpo.miniature.data import render_batch, sample_rows, write_provenance
 from drpo.tiny import tiny_vae_config
 from drpo.world.detect import judge
 from drpo.world.spec import WorldSpec
@@ -50,7 +51,7 @@ def evaluate_autoencoder(
     rows = [row for row in rows for _ in range(per_row)]
     images = render_batch(rows, rng, spec)
     recon = decode(vae, encode(vae, images))
-    originals, rebuilt = to_uint8(images), to_uint8(recon)
+    originals, rebuilt = to_uint8(images).numpy(), to_uint8(recon).numpy()
     return {
         "mse": float((recon - images).square().mean()),
         "judge_renders": float(np.mean([judge(im, row, spec)[0] for im, row in zip(originals, rows)])),

@@ -25,12 +25,6 @@ def to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> Tensor:
     return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """float images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as diffusers does."""
-    pixels = ((images.detach().float().cpu() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).numpy()
-
-
 def render_batch(rows: Sequence[dict[str, Any]], rng: np.random.Generator, spec: WorldSpec) -> Tensor:
     """One fresh render per row: (len(rows), 3, H, W) in [-1, 1]."""
     return to_tensor([render(row, rng, spec) for row in rows])

@@ -14,7 +14,7 @@ plain regression loss:
    epsilon projection, drpo.generators.SDTurboGenerator.sample) and regresses (MSE in latent space) onto the
    teacher's solution for the same noise.
 
-The defaults are the shipped generator's settings, chosen by `scripts/sweep_generator.py` on one H100 (4.2 min
+The defaults are the shipped generator's settings, chosen by `experiments/sweep_generator.py` on one H100 (4.2 min
 for the whole build): against guidance 2 / lower learning rates and a deeper UNet (layers_per_block 2) on the same
 budget, guidance 3 with teacher lr 2e-3 judged best (GenEval-lite overall 39 % vs 29 % and 25 %; the Drifting
 recipe 4 %), 120 test prompts x 4 seeds.

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drpo.generators import to_uint8
+
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A torch dtype, or its name (e.g. "float16", as configs give it), -> the torch dtype."""
@@ -109,8 +111,7 @@ class Reward(ABC):
         bad = (~torch.isfinite(images.detach())).flatten(1).any(dim=1).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"reward {self.name!r}: images {bad} contain non-finite pixel values")
-        pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(images).numpy()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

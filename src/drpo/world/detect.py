@@ -291,17 +291,18 @@ def judge(image: np.ndarray, row: dict[str, Any], spec: WorldSpec) -> tuple[bool
     return judge_detections(detect(image, spec), row, spec)
 
 
-def object_counts(images, rows: list[dict[str, Any]], spec: WorldSpec) -> dict[str, tuple[float, float]]:
-    """Per GenEval tag: (mean objects detected per image, share of images with more objects than the row asks).
+def judge_by_tag(images, rows: list[dict[str, Any]], spec: WorldSpec) -> dict[str, dict[str, float]]:
+    """Per GenEval tag of the rows: "correct", the share of images the judge passes; "objects", the mean number of
+    objects detected; "extra", the share of images with more objects than the row asks (its include counts).
 
-    `images`: (H, W, 3) uint8 images, one per row. A row asks for the sum of its include counts. GenEval's
-    semantics pass an included object present *at least* so many times, so a generator rewarded by the judge
-    can gain by drawing extra shapes; this measures it.
+    GenEval's semantics pass an included object present *at least* so many times, so a generator rewarded by the
+    judge can gain by drawing extra shapes: "extra" shows it. `images`: (H, W, 3) uint8 images, one per row.
     """
-    found: dict[str, list[int]] = {}
-    extra: dict[str, list[bool]] = {}
+    per_tag: dict[str, list[tuple[bool, int, bool]]] = {}
     for image, row in zip(images, rows, strict=True):
-        n = len(detect(image, spec))
-        found.setdefault(row["tag"], []).append(n)
-        extra.setdefault(row["tag"], []).append(n > sum(entry["count"] for entry in row["include"]))
-    return {tag: (float(np.mean(found[tag])), float(np.mean(extra[tag]))) for tag in found}
+        detections = detect(image, spec)
+        correct, _ = judge_detections(detections, row, spec)
+        asked = sum(entry["count"] for entry in row["include"])
+        per_tag.setdefault(row["tag"], []).append((correct, len(detections), len(detections) > asked))
+    return {tag: dict(zip(("correct", "objects", "extra"), np.mean(values, axis=0).tolist()))
+            for tag, values in per_tag.items()}

@@ -4,10 +4,10 @@ The README's "What moves GenEval-lite here" tables come from these variants, run
 (each variant its own process; the detector judges on the CPU) by a scratch copy of this script, and the
 "uniform" ones on 2 CPU cores:
 
-    python scripts/sweep_drpo.py --sweep features --jobs 12 --out /tmp/sweep   # one seed per variant
-    python scripts/sweep_drpo.py --sweep detector --jobs 10 --out /tmp/sweep   # λ x 3 seeds, detector reward
-    python scripts/sweep_drpo.py --sweep uniform --jobs 2 --out /tmp/sweep     # the previous detector recipe
-    python scripts/sweep_drpo.py --sweep batch --jobs 2 --out /tmp/sweep       # 8 prompts per update, seeds 100-102
+    python experiments/sweep_drpo.py --sweep features --jobs 12 --out /tmp/sweep   # one seed per variant
+    python experiments/sweep_drpo.py --sweep detector --jobs 10 --out /tmp/sweep   # λ x 3 seeds, detector reward
+    python experiments/sweep_drpo.py --sweep uniform --jobs 2 --out /tmp/sweep     # the previous detector recipe
+    python experiments/sweep_drpo.py --sweep batch --jobs 2 --out /tmp/sweep       # 8 prompts per update, seeds 100-102
 
 Each variant overrides the resolved config of the default run (results/runs/drpo/seed0/config.resolved.yaml,
 so run `make run` first) with its target reward, λ, feature keys, updates, prompts per update, learning rate

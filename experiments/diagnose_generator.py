@@ -5,7 +5,7 @@ with the target reward, then prints: the pass rate per tag, the most common reje
 have both passing and failing samples (only those can teach a ranking method anything about the detector), the
 reward's within-prompt AUC on them, and how often the reward's top 4 of a prompt pass.
 
-    python scripts/diagnose_generator.py --generator resources/miniature/generator \
+    python experiments/diagnose_generator.py --generator resources/miniature/generator \
         --reward resources/miniature/reward --prompts results/world/test_metadata.jsonl
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from drpo.evaluate import sample_latents
-from drpo.generators import load_generator
+from drpo.generators import load_generator, to_uint8
 from drpo.pipeline import read_rows
 from drpo.rewards import PickScoreReward
 from drpo.world.detect import judge
@@ -42,7 +42,7 @@ def main() -> None:
         images = generator.decode(sample_latents(generator, [row["prompt"] for row in rows], seeds, batch_size=256))
         prompts = [rows[i // len(seeds)]["prompt"] for i in range(len(images))]
         scores = reward.score(images, prompts).numpy().reshape(len(rows), len(seeds))
-        pixels = generator.to_uint8(images).numpy()
+        pixels = to_uint8(images).numpy()
     verdicts = [judge(image, rows[i // len(seeds)], spec) for i, image in enumerate(pixels)]
     passed = np.array([ok for ok, _ in verdicts]).reshape(len(rows), len(seeds))
 

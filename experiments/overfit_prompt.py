@@ -4,7 +4,7 @@ A diagnostic for "can this method, reward and λ move the generator at all?": it
 transfer from the question. Training draws fresh noises every micro-step (online reference, no bank); the
 judgement uses 128 other noises, with the GenEval-lite detector and the training reward.
 
-    python scripts/overfit_prompt.py --prompt-index 0 --steps 150 \
+    python experiments/overfit_prompt.py --prompt-index 0 --steps 150 \
         --set models.reward='{name: geneval_lite, path: null}' --set drpo.reference_loss_weight=0.0
 
 `--set section.key=value` (a YAML value; a mapping replaces the old one whole) sets a key of the resolved

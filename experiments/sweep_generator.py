@@ -1,6 +1,6 @@
 """Sweep base-generator recipes on one GPU within a wall-clock budget (how the shipped generator was chosen).
 
-    python scripts/sweep_generator.py OUT_DIR BUDGET_SECONDS
+    python experiments/sweep_generator.py OUT_DIR BUDGET_SECONDS
 
 Runs every recipe below as its own process, all at once: first a short calibration run (few steps, small
 pools) that measures seconds per step under the same contention, then the real run with step counts that fit

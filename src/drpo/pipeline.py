@@ -69,7 +69,7 @@ def make_world(config: dict, train_out: str | Path, test_out: str | Path) -> Non
 def make_reference_bank(config: dict, prompts_path: str | Path, bank_out: str | Path) -> None:
     from drpo.reference import build_reference_bank
 
-    generator, _, _ = load_models(config, features=False)
+    generator = load_generator_at(config)
     rows = read_rows(prompts_path)
     train = config["train"]
     bank = build_reference_bank(generator, [row["prompt"] for row in rows],

@@ -1,4 +1,6 @@
 # Helpers shared by the rules: config validation, output paths, target lists.
+from pathlib import Path
+
 from drpo.config import checkpoint_steps, validate_config
 
 validate_config(config)
@@ -12,6 +14,12 @@ wildcard_constraints:
     method="[a-z0-9_]+",
     seed=r"\d+",
     step=r"\d+",
+
+
+def sections(*names):
+    """The config sections a rule's script reads, passed as its params: they show the rule's data flow, and a
+    change to any of them reruns the rule (Snakemake's params trigger)."""
+    return {name: config[name] for name in names}
 
 
 def train_prompts():

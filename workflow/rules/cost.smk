@@ -1,7 +1,6 @@
 # Compute-cost report (method spec section 6): per-component cost of one DrPO and one DRaFT update, as
 # analytic FLOPs at paper scale (real architectures on the meta device, no weights), as measured time of
 # the miniature on this machine, from GPU profiles of scripts/profile_gpu.py when given, and the paper's.
-from pathlib import Path
 
 
 def cost_model_files():
@@ -34,12 +33,8 @@ rule cost_measured:
     output:
         f"{R}/cost/measured_miniature.csv",
     params:
-        # Declared so that changing these settings reruns the measurement (the script reads the config: the
-        # measured methods are built from it as training builds them).
-        section=config["cost"]["measured"],
-        train=config["train"],
-        drpo=config["drpo"],
-        draft=config["draft"],
+        # The measured methods are built from these sections as training builds them.
+        config=sections("device", "models", "train", "drpo", "draft", "cost"),
     # It times this machine: run locally, holding every local core so that no other job of the workflow runs
     # meanwhile (torch itself uses cost.measured.threads).
     localrule: True

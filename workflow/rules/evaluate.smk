@@ -20,6 +20,8 @@ rule evaluate:
         images=EVAL + "/per_image.parquet",
     log:
         EVAL + "/evaluate.log",
+    params:
+        config=sections("device", "models", "world", "evaluate"),
     message:
         "Evaluating {wildcards.method} seed {wildcards.seed} at step {wildcards.step}"
     resources:

@@ -1,48 +1,52 @@
-# Building the miniature world's models (DESIGN.md section 3), in the real formats: a VAE, a latent MAE
-# (Drifting checkpoint layout), a CLIP reward model (Hugging Face folder), the base one-step generator
-# (diffusers SD-Turbo folder) and a second, independently trained CLIP scorer that evaluation scores as a
-# held-out reward. They are shipped under resources/miniature/ (these rules made them; see each
-# provenance.json). A rule exists only for a model that is missing, or for all of them with
-# miniature.rebuild: true -- a fresh clone has no Snakemake metadata and checkout order sets the files'
-# times, so Snakemake would otherwise rebuild the shipped models. configs/ci.yaml builds all five at tiny size.
-
-
-def build_rule_wanted(path):
-    return config["miniature"]["rebuild"] or not Path(path).exists()
-
+# Building the miniature world's models, in the real formats: a VAE, a latent MAE (Drifting checkpoint layout), a
+# CLIP reward model (Hugging Face folder), the base one-step generator (diffusers SD-Turbo folder) and a second,
+# independently trained CLIP scorer that evaluation scores as a held-out reward. They are shipped under
+# resources/miniature/ (these rules made them; see each provenance.json) and rebuilt with --forcerun (README).
+# A fresh clone has no Snakemake metadata and its checkout order sets the files' times, so the models' inputs are
+# ancient(): only a missing model or --forcerun rebuilds one. configs/ci.yaml builds all five at tiny size.
 
 if config["world"]["enabled"]:
     MODELS = config["models"]
-    AUTOENCODER = str(Path(MODELS["generator"]["path"]).parent / "autoencoder")
-
-if config["world"]["enabled"] and build_rule_wanted(AUTOENCODER + "/config.json"):
+    AUTOENCODER = str(Path(MODELS["generator"]["path"]).parent / "autoencoder") + "/config.json"
 
     rule miniature_autoencoder:
         output:
-            AUTOENCODER + "/config.json",
+            AUTOENCODER,
         log:
             f"{R}/logs/miniature_autoencoder.log",
         params:
-            settings=config["miniature"],
+            config=sections("device", "world", "miniature"),
         message:
             "Training the miniature's VAE on rendered images"
         script:
             "../scripts/miniature.py"
 
-
-if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoint"]):
-
     rule miniature_mae:
         input:
-            autoencoder=AUTOENCODER + "/config.json",
+            autoencoder=ancient(AUTOENCODER),
         output:
             MODELS["features"]["checkpoint"],
         log:
             f"{R}/logs/miniature_mae.log",
         params:
-            settings=config["miniature"],
+            config=sections("device", "world", "miniature"),
         message:
             "Training the miniature's latent MAE on VAE latents of renders"
+        script:
+            "../scripts/miniature.py"
+
+    rule miniature_generator:
+        input:
+            autoencoder=ancient(AUTOENCODER),
+            mae=ancient(MODELS["features"]["checkpoint"]),
+        output:
+            MODELS["generator"]["path"] + "/model_index.json",
+        log:
+            f"{R}/logs/miniature_generator.log",
+        params:
+            config=sections("device", "world", "miniature"),
+        message:
+            f"Training the miniature's base one-step generator ({config['miniature']['generator'].get('recipe', 'distillation')})"
         script:
             "../scripts/miniature.py"
 
@@ -53,7 +57,8 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoi
 REWARD_PATH = None
 if config["world"]["enabled"]:
     REWARD_PATH = config["models"]["reward"].get("path") or eval_reward_path("pickscore")
-if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
+
+if REWARD_PATH:
 
     rule miniature_reward:
         output:
@@ -61,7 +66,7 @@ if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
         log:
             f"{R}/logs/miniature_reward.log",
         params:
-            settings=config["miniature"],
+            config=sections("device", "world", "miniature"),
         message:
             "Training the miniature's CLIP reward model on (render, prompt) pairs"
         script:
@@ -74,7 +79,7 @@ if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
 # when no held-out scorer is configured (paper presets: heldout: null).
 HELDOUT_REWARD = eval_reward_path("heldout")
 
-if HELDOUT_REWARD and build_rule_wanted(HELDOUT_REWARD + "/config.json"):
+if HELDOUT_REWARD:
 
     rule miniature_heldout_reward:
         output:
@@ -82,26 +87,8 @@ if HELDOUT_REWARD and build_rule_wanted(HELDOUT_REWARD + "/config.json"):
         log:
             f"{R}/logs/miniature_heldout_reward.log",
         params:
-            settings=config["miniature"],
+            config=sections("device", "world", "miniature"),
         message:
             "Training the miniature's held-out CLIP scorer (own seed and architecture) on (render, prompt) pairs"
-        script:
-            "../scripts/miniature.py"
-
-
-if config["world"]["enabled"] and build_rule_wanted(MODELS["generator"]["path"] + "/model_index.json"):
-
-    rule miniature_generator:
-        input:
-            autoencoder=AUTOENCODER + "/config.json",
-            mae=MODELS["features"]["checkpoint"],
-        output:
-            MODELS["generator"]["path"] + "/model_index.json",
-        log:
-            f"{R}/logs/miniature_generator.log",
-        params:
-            settings=config["miniature"],
-        message:
-            f"Training the miniature's base one-step generator ({config['miniature']['generator'].get('recipe', 'distillation')})"
         script:
             "../scripts/miniature.py"

@@ -10,6 +10,8 @@ rule reference_bank:
         bank=f"{R}/reference/train_bank.safetensors",
     log:
         f"{R}/logs/reference_bank.log",
+    params:
+        config=sections("device", "models", "train", "evaluate"),
     message:
         "Sampling the frozen base generator for the training noise bank"
     resources:

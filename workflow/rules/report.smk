@@ -36,6 +36,8 @@ rule grid:
                caption="../report/grid.rst"),
     log:
         f"{R}/logs/grid_{{method}}_seed{{grid_seed}}.log",
+    params:
+        config=sections("device", "models", "report", "evaluate"),
     message:
         "Drawing base vs {wildcards.method} images for the same prompts and seeds"
     resources:
@@ -62,8 +64,7 @@ rule check_assets:
     log:
         f"{R}/logs/check_assets.log",
     params:
-        models=config["models"],
-        held_out=config["evaluate"]["rewards"],
+        config=sections("models", "evaluate", "world", "prompts"),
     message:
         "Checking that every model file of this config is on disk"
     script:

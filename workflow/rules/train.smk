@@ -19,7 +19,8 @@ rule train:
     log:
         RUN + "/train.log",
     params:
-        # Declared so that changing these settings reruns training (Snakemake's params trigger).
+        # What training reads, declared so that a change reruns it (Snakemake's params trigger). The script takes
+        # the whole config: the run saves it as config.resolved.yaml, which a multi-GPU launch loads again.
         train=config["train"],
         models=config["models"],
         method=method_settings,

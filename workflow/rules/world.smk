@@ -9,6 +9,8 @@ if config["world"]["enabled"]:
             test=f"{R}/world/test_metadata.jsonl",
         log:
             f"{R}/logs/world_prompts.log",
+        params:
+            config=sections("world"),
         message:
             "Writing the miniature world's train/test prompt splits"
         script:

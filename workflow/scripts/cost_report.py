@@ -9,7 +9,7 @@ from drpo.pipeline import read_rows
 if snakemake.rule == "cost_analytic":
     run_analytic(snakemake.params.section, snakemake.params.drpo, snakemake.output[0])
 elif snakemake.rule == "cost_measured":
-    measure_miniature(snakemake.config, read_rows(snakemake.input.prompts), snakemake.output[0])
+    measure_miniature(snakemake.params.config, read_rows(snakemake.input.prompts), snakemake.output[0])
 else:
     write_report(snakemake.input.analytic, [snakemake.input.measured, *snakemake.input.gpu],
                  snakemake.output.table, snakemake.output.figure)

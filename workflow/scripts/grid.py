@@ -5,5 +5,5 @@ from _job import start
 start(snakemake)
 from drpo.pipeline import make_grid
 
-make_grid(snakemake.config, snakemake.input.prompts, Path(snakemake.input.done).parent,
+make_grid(snakemake.params.config, snakemake.input.prompts, Path(snakemake.input.done).parent,
           snakemake.wildcards.method, snakemake.output[0])

@@ -8,5 +8,5 @@ start(snakemake)
 from drpo.miniature.build import build_model
 
 part = snakemake.rule.removeprefix("miniature_")
-build_model(part, snakemake.config, out_dir=Path(snakemake.output[0]).parent,
+build_model(part, snakemake.params.config, out_dir=Path(snakemake.output[0]).parent,
             inputs={name: Path(path).parent for name, path in snakemake.input.items()})

@@ -3,4 +3,4 @@ from _job import start
 start(snakemake)
 from drpo.pipeline import make_reference_bank
 
-make_reference_bank(snakemake.config, snakemake.input.prompts, snakemake.output.bank)
+make_reference_bank(snakemake.params.config, snakemake.input.prompts, snakemake.output.bank)

@@ -1,17 +1,27 @@
-# Building the miniature world's models, in the real formats: a VAE, a latent MAE (Drifting checkpoint layout), a
-# CLIP reward model (Hugging Face folder), the base one-step generator (diffusers SD-Turbo folder) and a second,
-# independently trained CLIP scorer that evaluation scores as a held-out reward. They are shipped under
-# resources/miniature/ (these rules made them; see each provenance.json) and rebuilt with --forcerun (README).
-# A fresh clone has no Snakemake metadata and its checkout order sets the files' times, so the models' inputs are
-# ancient(): only a missing model or --forcerun rebuilds one. configs/ci.yaml builds all five at tiny size.
+# Building the miniature world's models (DESIGN.md section 3), in the real formats: a VAE, a latent MAE
+# (Drifting checkpoint layout), a CLIP reward model (Hugging Face folder), the base one-step generator
+# (diffusers SD-Turbo folder) and a second, independently trained CLIP scorer that evaluation scores as a
+# held-out reward. They are shipped under resources/miniature/ (these rules made them; see each
+# provenance.json). A rule exists only for a model that is missing, or for all of them with
+# miniature.rebuild: true. ancient() inputs would not keep a fresh clone from rebuilding them: checkout order sets
+# the files' times, and Snakemake's code trigger reruns a rule whose script is newer than its output (on a fresh
+# clone with always-defined rules and ancient() inputs, `snakemake -n` planned three of the five models).
+# configs/ci.yaml builds all five at tiny size.
+
+
+def build_rule_wanted(path):
+    return config["miniature"]["rebuild"] or not Path(path).exists()
+
 
 if config["world"]["enabled"]:
     MODELS = config["models"]
-    AUTOENCODER = str(Path(MODELS["generator"]["path"]).parent / "autoencoder") + "/config.json"
+    AUTOENCODER = str(Path(MODELS["generator"]["path"]).parent / "autoencoder")
+
+if config["world"]["enabled"] and build_rule_wanted(AUTOENCODER + "/config.json"):
 
     rule miniature_autoencoder:
         output:
-            AUTOENCODER,
+            AUTOENCODER + "/config.json",
         log:
             f"{R}/logs/miniature_autoencoder.log",
         params:
@@ -21,9 +31,12 @@ if config["world"]["enabled"]:
         script:
             "../scripts/miniature.py"
 
+
+if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoint"]):
+
     rule miniature_mae:
         input:
-            autoencoder=ancient(AUTOENCODER),
+            autoencoder=AUTOENCODER + "/config.json",
         output:
             MODELS["features"]["checkpoint"],
         log:
@@ -35,21 +48,6 @@ if config["world"]["enabled"]:
         script:
             "../scripts/miniature.py"
 
-    rule miniature_generator:
-        input:
-            autoencoder=ancient(AUTOENCODER),
-            mae=ancient(MODELS["features"]["checkpoint"]),
-        output:
-            MODELS["generator"]["path"] + "/model_index.json",
-        log:
-            f"{R}/logs/miniature_generator.log",
-        params:
-            config=sections("device", "world", "miniature"),
-        message:
-            f"Training the miniature's base one-step generator ({config['miniature']['generator'].get('recipe', 'distillation')})"
-        script:
-            "../scripts/miniature.py"
-
 
 # The miniature's CLIP reward is built where the target reward reads it or, when the target needs no model
 # folder (geneval_lite, the default target; an ensemble), where evaluation reads it as
@@ -57,8 +55,7 @@ if config["world"]["enabled"]:
 REWARD_PATH = None
 if config["world"]["enabled"]:
     REWARD_PATH = config["models"]["reward"].get("path") or eval_reward_path("pickscore")
-
-if REWARD_PATH:
+if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
 
     rule miniature_reward:
         output:
@@ -79,7 +76,7 @@ if REWARD_PATH:
 # when no held-out scorer is configured (paper presets: heldout: null).
 HELDOUT_REWARD = eval_reward_path("heldout")
 
-if HELDOUT_REWARD:
+if HELDOUT_REWARD and build_rule_wanted(HELDOUT_REWARD + "/config.json"):
 
     rule miniature_heldout_reward:
         output:
@@ -90,5 +87,23 @@ if HELDOUT_REWARD:
             config=sections("device", "world", "miniature"),
         message:
             "Training the miniature's held-out CLIP scorer (own seed and architecture) on (render, prompt) pairs"
+        script:
+            "../scripts/miniature.py"
+
+
+if config["world"]["enabled"] and build_rule_wanted(MODELS["generator"]["path"] + "/model_index.json"):
+
+    rule miniature_generator:
+        input:
+            autoencoder=AUTOENCODER + "/config.json",
+            mae=MODELS["features"]["checkpoint"],
+        output:
+            MODELS["generator"]["path"] + "/model_index.json",
+        log:
+            f"{R}/logs/miniature_generator.log",
+        params:
+            config=sections("device", "world", "miniature"),
+        message:
+            f"Training the miniature's base one-step generator ({config['miniature']['generator'].get('recipe', 'distillation')})"
         script:
             "../scripts/miniature.py"

@@ -1,6 +1,6 @@
 """Train many DrPO variants at once and judge each on GenEval-lite with 32 fresh seeds per test prompt.
 
-The README's "What moves GenEval-lite here" tables come from these variants, run on one H100 with 16 CPU cores
+The "What moves GenEval-lite here" tables of docs/results.md come from these variants, run on one H100 with 16 CPU cores
 (each variant its own process; the detector judges on the CPU) by a scratch copy of this script, and the
 "uniform" ones on 2 CPU cores:
 

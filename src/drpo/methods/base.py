@@ -77,6 +77,17 @@ class Method(ABC):
         """Build the method from the validated workflow config (its own section ``config[name]``)."""
         return cls(generator, reward, settings_from_section(cls.settings_class, config[cls.name]), features)
 
+    def score_candidates(self, batch: PromptBatch, latents: torch.Tensor) -> torch.Tensor:
+        """The reward of each of the prompt's candidate latents (K, C, H, W) -> (K,), decoded and scored without
+        gradient: the ranking methods' use of the reward."""
+        k = latents.shape[0]
+        metadata = None if batch.metadata is None else [batch.metadata] * k
+        with torch.no_grad():
+            with self.measure("vae_decode"):
+                images = self.generator.decode(latents.detach())
+            with self.measure("reward_score"):
+                return self.reward.score(images, [batch.prompt] * k, metadata=metadata)
+
     @property
     def candidates_per_backward(self) -> int | None:
         """Candidates of a prompt back-propagated together; None: all K. Only a method whose loss is a mean of

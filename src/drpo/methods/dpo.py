@@ -60,12 +60,7 @@ class DPO(Method):
             cond = gen.encode_prompts([batch.prompt])
         with measure("student_generate"):
             latents = gen.sample(cond, batch.noise)
-        with torch.no_grad():
-            metadata = None if batch.metadata is None else [batch.metadata] * k
-            with measure("vae_decode"):
-                images = gen.decode(latents.detach())
-            with measure("reward_score"):
-                scores = self.reward.score(images, [batch.prompt] * k, metadata)
+        scores = self.score_candidates(batch, latents)
         with measure("rank_select"):
             pos, neg = select_anchors(scores.view(1, k), s.num_pos, s.num_neg)
         logs = {

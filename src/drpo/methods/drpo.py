@@ -126,12 +126,7 @@ class DrPO(Method):
             cond = gen.encode_prompts([batch.prompt]).repeat_interleave(k)  # encode once, one copy per candidate
         with measure("student_generate"):
             latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
-        with torch.no_grad():
-            with measure("vae_decode"):
-                images = gen.decode(latents.detach())
-            with measure("reward_score"):
-                metadata = [batch.metadata] * k if batch.metadata is not None else None
-                scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
+        scores = self.score_candidates(batch, latents)
         reference = batch.reference.to(latents.device)
         if s.objective != "binary":
             return self._reward_weighted_loss(latents, reference, cond, scores)
@@ -194,18 +189,13 @@ class DrPO(Method):
         k = batch.noise.shape[0]
         with measure("text_encode"):
             cond = gen.encode_prompts([batch.prompt])
-        metadata = [batch.metadata] * k if batch.metadata is not None else None
         passing, failing, drawn = [], [], 0
         for round_ in range(s.rollout_rounds):
             noise = batch.noise if round_ == 0 else torch.randn_like(batch.noise)
             noise = noise.to(gen.device, gen.dtype)
-            with torch.no_grad():
-                with measure("student_generate"):
-                    candidates = gen.sample(cond.repeat_interleave(k), noise)
-                with measure("vae_decode"):
-                    images = gen.decode(candidates)
-                with measure("reward_score"):
-                    scores = self.reward.score(images, [batch.prompt] * k, metadata=metadata)
+            with torch.no_grad(), measure("student_generate"):
+                candidates = gen.sample(cond.repeat_interleave(k), noise)
+            scores = self.score_candidates(batch, candidates)
             if not bool(((scores == 0) | (scores == 1)).all()):
                 raise ValueError(f"drpo.rollout_rounds needs a pass/fail reward (scores 0 or 1, such as "
                                  f"geneval_lite); reward {self.reward.name!r} gave {scores.tolist()[:4]}")

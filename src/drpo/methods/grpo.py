@@ -103,14 +103,9 @@ class GRPO(Method):
         noise, anchors = neighbor_group(batch.noise, s.neighbor_sigma, s.num_anchors)
         with measure("text_encode"):
             cond = gen.encode_prompts([batch.prompt])
-        with torch.no_grad():
-            with measure("student_generate"):
-                old = gen.sample(cond, noise)
-            metadata = None if batch.metadata is None else [batch.metadata] * k
-            with measure("vae_decode"):
-                images = gen.decode(old)
-            with measure("reward_score"):
-                scores = self.reward.score(images, [batch.prompt] * k, metadata)
+        with torch.no_grad(), measure("student_generate"):
+            old = gen.sample(cond, noise)
+        scores = self.score_candidates(batch, old)
         advantages = quasi_norm_advantages(scores, s.advantage_p, s.advantage_clip).to(old.device)
         index = anchors.to(old.device)
         with measure("student_generate"):

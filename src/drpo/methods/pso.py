@@ -75,12 +75,7 @@ class PSO(Method):
             latents = gen.sample(cond, batch.noise)
         unit_noise = zscore(batch.noise.flatten(1).float()).view_as(batch.noise).to(latents.device)
         actions = latents.detach() + s.action_std * unit_noise
-        with torch.no_grad():
-            metadata = None if batch.metadata is None else [batch.metadata] * k
-            with measure("vae_decode"):
-                images = gen.decode(actions)
-            with measure("reward_score"):
-                scores = self.reward.score(images, [batch.prompt] * k, metadata)
+        scores = self.score_candidates(batch, actions)
         reference = batch.reference.to(latents.device, latents.dtype)
         with measure("loss"):
             log_ratio = clipped_log_ratio(gaussian_log_prob(actions, latents, s.action_std),

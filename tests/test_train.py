@@ -6,11 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from drpo.config import checkpoint_steps, merge
+from drpo.drift import AWR_VARIANTS
+from drpo.lora import add_lora
 from drpo.methods import build_method
 from drpo.methods.base import PromptBatch
 from drpo.pipeline import load_models
 from drpo.reference import OnlineReference, ReferenceBank, build_reference_bank
-from drpo.config import checkpoint_steps
 from drpo.train import PromptSchedule, TrainSettings, latest_checkpoint, train
 
 from conftest import PROMPTS
@@ -54,6 +56,20 @@ def test_drpo_loss_is_finite_and_reaches_lora_only(tiny_config):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     frozen = [p for n, p in method.generator.unet.named_parameters() if "lora" not in n]
     assert all(p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("objective", AWR_VARIANTS)
+def test_reward_weighted_objectives_train_through_drpo(tiny_config, objective):
+    config = merge(tiny_config, {"drpo": {"objective": objective}})
+    generator, reward, features = load_models(config)
+    method = build_method("drpo", generator, reward, features, config)
+    params = add_lora(generator.unet, rank=4, alpha=4)
+    noise = generator.make_noise(6, generator=torch.Generator().manual_seed(0))
+    reference = generator.sample(generator.encode_prompts([PROMPTS[0]]), noise, adapters=False)
+    loss, logs = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    loss.backward()
+    assert torch.isfinite(loss) and "reward_mean" in logs
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
 def test_training_writes_diffusers_checkpoints_and_metrics(tiny_config, tmp_path):

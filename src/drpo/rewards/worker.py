@@ -1,7 +1,8 @@
 """Black-box rewards: any command that reads images + prompts and writes scores, started once and kept alive.
 
 WorkerReward (the client, registered as "worker") and WorkerError; the named worker rewards ImageRewardWorker,
-HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the scripts in workers/ beside this module.
+HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the scripts in workers/ beside this module. They
+share the module (which makes it a little over 400 lines) because each is only the command line of its script.
 
 A reward whose package clashes with ours (ImageReward: timm 0.6.13; HPSv2: open_clip; GenEval: mmdet 2.x;
 the official HPSv3: transformers 4.45) runs as a worker in its own environment (envs/*.yaml). The line protocol

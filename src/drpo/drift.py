@@ -1,5 +1,8 @@
 """The drifting field estimator and the DrPO objective, as pure functions over tensors.
 
+The module also holds the authors' reward-weighted variants (spec 2.8, :func:`awr_drift_loss`), which puts it near
+500 lines: they are built from the binary field's distances, kernels, scale and regression, which stay private here.
+
 DrPO (Jiang, Wen, Liu, "Drifting Preference Optimization for One-Step Generative Models", arXiv 2606.02521)
 reuses the field estimator of Drifting (Deng et al., "Generative Modeling via Drifting", arXiv 2602.04770)
 and changes what the positive and negative anchors are.
@@ -20,11 +23,7 @@ and negative anchors Q, anchors weighted by w+ / w-):
    ``-2 F / (sigma N D)`` per point.
 
 All drift math runs in fp32 (fp64 when the inputs are fp64), also under autocast and for bf16/fp16 inputs.
-
-The reward-weighted variants of the authors' code (spec 2.8, :func:`awr_drift_loss`) live here too, though
-that puts the module near 500 lines: they are built from the same distances, kernels, scale and regression as
-the binary field, which stay private to this module. Settings (weights, radii, kernel, λ) have no defaults
-here; config.yaml holds them.
+Settings (weights, radii, kernel, λ) have no defaults here; config.yaml holds them.
 """
 
 import math

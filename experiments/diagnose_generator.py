@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from drpo.evaluate import sample_latents
-from drpo.generators import load_generator, to_uint8
+from drpo.generators import load_generator
+from drpo.images import to_uint8
 from drpo.pipeline import read_rows
 from drpo.rewards import PickScoreReward
 from drpo.world.detect import judge

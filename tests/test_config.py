@@ -110,3 +110,45 @@ def test_presets_resolve_over_config_yaml():
     for preset in sorted((REPO / "configs").glob("*.yaml")):
         config = load_config(REPO / "config.yaml", preset)
         assert config["results_dir"]
+
+
+# Every name a config uses is checked when it is read, before any job (issue 14, fault 10), with the valid choices.
+@pytest.mark.parametrize("override,message", [
+    ({"train": {"methods": ["drpo", "drp0"]}}, r"train.methods: unknown method 'drp0'; valid names: \[.*'draft'"),
+    ({"train": {"learning_rates": {"dpo1": 1e-4}}}, r"train.learning_rates: unknown method 'dpo1'"),
+    ({"models": {"reward": {"name": "pickscor"}}}, r"models.reward: unknown reward 'pickscor'; valid names"),
+    ({"models": {"features": {"name": "latent_maee"}}}, r"models.features: unknown feature encoder 'latent_maee'"),
+    ({"models": {"features": {"keys": ["layer4_mean", "layer4_mea"]}}},
+     r"models.features.keys: feature encoder 'latent_mae' has no map for \['layer4_mea'\]"),
+    ({"models": {"features": {"options": {"block_strid": 2}}}},
+     r"feature encoder 'latent_mae' takes no 'block_strid'; it takes: block_stride, checkpoint_path"),
+    ({"evaluate": {"rewards": {"brightness": {"name": "worker", "command": ["python", "w.py"], "timout_s": 5}}}},
+     r"evaluate.rewards.brightness: reward 'worker' takes no 'timout_s'; it takes: .*timeout_s"),
+    # A worker merged over config.yaml's held-out CLIP scorer keeps its model folder: the message says what to do.
+    ({"evaluate": {"rewards": {"heldout": {"name": "worker", "command": ["python", "w.py"]}}}},
+     r"reward 'worker' takes no 'model_path'.*set path: null"),
+    ({"evaluate": {"rewards": {"mix": {"ensemble": {"pickscore": {"weight": 1, "path": "m", "batch_sze": 8}}}}}},
+     r"ensemble member 'pickscore': reward 'pickscore' takes no 'batch_sze'"),
+])
+def test_unknown_names_and_arguments_fail_when_the_config_is_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "config.yaml", overrides=override)
+
+
+def test_nested_values_given_with_snakemake_config_are_read_as_yaml():
+    # `snakemake --config drpo='{reference_loss_weight: 0.5}'` merges the key but leaves '0.5' a string (issue 14,
+    # fault 12); the schema's type tells what it is.
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["drpo"]["reference_loss_weight"] = "0.5"
+    config["train"]["seeds"] = "[3, 4]"
+    config["evaluate"]["rewards"]["heldout"]["batch_size"] = "8"  # free-form reward arguments stay as given
+    validate_config(config)
+    assert config["drpo"]["reference_loss_weight"] == 0.5 and config["train"]["seeds"] == [3, 4]
+    assert config["evaluate"]["rewards"]["heldout"]["batch_size"] == "8"
+    with pytest.raises(ConfigError, match=r"drpo: got the string .* for a whole section"):
+        validate_config(yaml.safe_load((REPO / "config.yaml").read_text()) | {"drpo": "reference_loss_weight"})
+
+
+def test_prompt_files_are_refused_while_the_miniature_world_provides_the_prompts():
+    with pytest.raises(ConfigError, match=r"prompts.train / prompts.test are set, but world.enabled is true"):
+        load_config(REPO / "config.yaml", overrides={"prompts": {"train": "my_prompts.txt"}})

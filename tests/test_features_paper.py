@@ -20,7 +20,8 @@ from drpo.features import FEATURE_ENCODERS, build_feature_encoder
 from drpo.features.raw_latent import RawLatentFeatures
 from drpo.features.teacher_unet import TEACHER_LAYERS, TeacherUNetFeatures
 from drpo.features.vit import DINO_KEYS, DinoFeatures, ViTMAEFeatures
-from drpo.generators import load_generator, to_uint8
+from drpo.generators import load_generator
+from drpo.images import to_uint8
 from drpo.lora import add_lora
 from drpo.tiny import write_tiny_sd_turbo, write_tiny_sdxl_turbo
 

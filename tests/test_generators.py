@@ -7,7 +7,8 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from drpo.generators import PromptEmbedding, image_seed, load_generator, to_uint8
+from drpo.generators import PromptEmbedding, image_seed, load_generator
+from drpo.images import to_uint8
 from drpo.lora import add_lora
 from drpo.tiny import build_clip_tokenizer, write_tiny_sd_turbo, write_tiny_sdxl_turbo
 

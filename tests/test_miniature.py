@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from drpo.features.latent_mae import LatentMAEFeatures
-from drpo.generators import load_generator, to_uint8
+from drpo.generators import load_generator
+from drpo.images import to_uint8
 from drpo.miniature.autoencoder import decode, encode, load_autoencoder, train_autoencoder
 from drpo.miniature.data import (
     max_prompt_tokens,

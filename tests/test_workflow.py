@@ -99,3 +99,12 @@ def test_the_pickscore_preset_builds_its_target_and_no_evaluation_copy(tmp_path)
     result = _dry_run(tmp_path, REPO / "config.yaml", REPO / "configs" / "pickscore.yaml", override)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _job_counts(result.stdout)["miniature_reward"] == 1 and f"{clip}/config.json" in result.stdout
+
+
+def test_a_misspelt_name_fails_the_dry_run_and_a_nested_value_can_be_set_on_the_command_line(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"train": {"methods": ["drpo", "grp0"]}}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", override)
+    assert result.returncode != 0 and "unknown method 'grp0'" in result.stdout + result.stderr
+    result = _dry_run(tmp_path, REPO / "config.yaml", extra=["--config", "drpo={reference_loss_weight: 0.5}"])
+    assert result.returncode == 0, result.stderr[-3000:]

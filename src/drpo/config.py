@@ -44,17 +44,72 @@ def _location(error: jsonschema.ValidationError) -> str:
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Check ``config`` against the schema and the cross-field rules; return it unchanged.
+    """Check ``config`` against the schema and the cross-field rules; return it.
 
-    Raises :class:`ConfigError` listing every problem as ``<key path>: <reason>``.
+    ``snakemake --config drpo='{reference_loss_weight: 0.5}'`` merges the nested key but leaves its value a string:
+    a string where the schema wants no string is read as YAML, in place. Raises :class:`ConfigError` listing every
+    problem as ``<key path>: <reason>``.
     """
-    validator = _validator_requiring_every_key()(yaml.safe_load(SCHEMA_PATH.read_text()))
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    # A whole section given as a string would replace config.yaml's section instead of merging into it.
+    replaced = [f"  {key}: got the string {value!r} for a whole section; set keys inside it as "
+                f"--config {key}='{{key: value}}' or in a small YAML file passed with --configfile"
+                for key, value in config.items()
+                if isinstance(value, str) and schema["properties"].get(key, {}).get("type") == "object"]
+    if replaced:
+        raise ConfigError("invalid configuration:\n" + "\n".join(replaced))
+    _read_command_line_strings(config, schema, schema)
+    errors = sorted(_validator_requiring_every_key()(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_location(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     _check_consistency(config)
+    _check_names(config)
     return config
+
+
+def _read_command_line_strings(value: Any, node: dict, schema: dict) -> Any:
+    """``value`` with every string the schema does not allow there read as YAML (dicts and lists in place)."""
+    if "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    types = node.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, str) and types and "string" not in types:
+        parsed = yaml.safe_load(value)
+        return value if isinstance(parsed, str) else parsed
+    if isinstance(value, dict):
+        for key in value:
+            child = node.get("properties", {}).get(key, node.get("additionalProperties"))
+            if isinstance(child, dict):
+                value[key] = _read_command_line_strings(value[key], child, schema)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value[:] = [_read_command_line_strings(item, node["items"], schema) for item in value]
+    return value
+
+
+def _check_names(config: dict[str, Any]) -> None:
+    """Every method, reward, feature encoder, feature key and constructor argument the config names exists, so a
+    typo fails when the config is read, before any job starts; each message lists the valid choices."""
+    from drpo.features import features_arguments
+    from drpo.methods import METHODS
+    from drpo.registry import lookup
+    from drpo.rewards import reward_members
+
+    checks = [lambda: features_arguments(config["models"]["features"]),
+              lambda: reward_members(config["models"]["reward"], "models.reward")]
+    checks += [lambda name=name: lookup(METHODS, name, "method", "train.methods") for name in config["train"]["methods"]]
+    checks += [lambda name=name: lookup(METHODS, name, "method", "train.learning_rates")
+               for name in config["train"]["learning_rates"]]
+    checks += [lambda label=label, spec=spec: reward_members({"name": label} | spec, f"evaluate.rewards.{label}")
+               for label, spec in config["evaluate"]["rewards"].items() if spec is not None]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ValueError as error:
+            problems.append(f"  {error}")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
 
 
 def _check_consistency(config: dict[str, Any]) -> None:
@@ -81,6 +136,9 @@ def _check_consistency(config: dict[str, Any]) -> None:
         )
     if not config["world"]["enabled"] and not (config["prompts"]["train"] and config["prompts"]["test"]):
         problems.append("world.enabled is false, so prompts.train and prompts.test must name prompt files")
+    if config["world"]["enabled"] and (config["prompts"]["train"] or config["prompts"]["test"]):
+        problems.append("prompts.train / prompts.test are set, but world.enabled is true and the miniature world's "
+                        "splits would be used instead: set world.enabled: false to train on prompt files")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from drpo.generators import image_seed, to_uint8
+from drpo.generators import image_seed
+from drpo.images import to_uint8
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

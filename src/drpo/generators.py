@@ -15,19 +15,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+if TYPE_CHECKING:  # loaded in load_generator: checking a config imports this module and must stay fast
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 KINDS = ("sd-turbo", "sdxl-turbo")
 EVAL_SEED_STRIDE = 1_000_000
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3) on the CPU: the rounding of every PNG the pipeline
-    writes and of every image the detector or a black-box reward sees."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu()
 
 
 def image_seed(seed: int, prompt_id: int) -> int:
@@ -340,6 +337,9 @@ def load_generator(
     file variant such as "fp16". Text encoders, VAE and UNet are frozen (eval, requires_grad False); LoRA adds the
     trainable parameters. Missing folder pieces raise FileNotFoundError naming each of them.
     """
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     if kind not in KINDS:
         raise ValueError(f"unknown generator kind {kind!r}; expected one of {KINDS}")
     path = Path(path)

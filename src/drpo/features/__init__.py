@@ -40,6 +40,7 @@ from drpo.features.raw_latent import MAX_LATENT_TOKENS, RAW_LATENT_KEYS, RawLate
 from drpo.features.teacher_unet import TEACHER_LAYERS, TeacherUNetFeatures, pool_flatten
 from drpo.features.vit import DINO_KEYS, VIT_MAE_KEYS, DinoFeatures, ViTMAEFeatures
 from drpo.generators import OneStepGenerator
+from drpo.registry import check_arguments, lookup
 
 FEATURE_ENCODERS: dict[str, type[FeatureEncoder]] = {
     "latent_mae": LatentMAEFeatures,
@@ -56,9 +57,7 @@ def build_feature_encoder(name: str, generator: OneStepGenerator | None = None, 
     `generator` is passed to the encoders that need one (`needs_generator`; required there) and ignored by the
     others, so a caller can always pass it.
     """
-    if name not in FEATURE_ENCODERS:
-        raise ValueError(f"unknown feature encoder {name!r}; valid names: {sorted(FEATURE_ENCODERS)}")
-    cls = FEATURE_ENCODERS[name]
+    cls = lookup(FEATURE_ENCODERS, name, "feature encoder")
     if cls.needs_generator:
         if generator is None:
             raise ValueError(
@@ -68,16 +67,26 @@ def build_feature_encoder(name: str, generator: OneStepGenerator | None = None, 
     return cls(**kwargs)
 
 
-def build_features_from_config(spec: dict[str, Any], generator: OneStepGenerator, device: str) -> FeatureEncoder:
-    """The encoder of a validated ``models.features`` config section, moved to `device`.
-
-    ``name`` picks the registry entry; ``keys`` and ``options`` become constructor arguments, and a non-empty
-    ``checkpoint`` becomes ``checkpoint_path``.
-    """
+def features_arguments(spec: dict[str, Any], where: str = "models.features") -> dict[str, Any]:
+    """The constructor arguments of a ``models.features`` config section: ``keys`` and ``options``, and a non-empty
+    ``checkpoint`` as ``checkpoint_path``. ValueError naming the problem for an unknown encoder, an option it does
+    not take, or a key whose map it can never have (the valid key grammar and map names in the message)."""
+    cls = lookup(FEATURE_ENCODERS, spec["name"], "feature encoder", where)
     kwargs = {"keys": tuple(spec["keys"]), **spec["options"]}
     if spec.get("checkpoint"):
         kwargs["checkpoint_path"] = spec["checkpoint"]
-    return build_feature_encoder(spec["name"], generator=generator, **kwargs).to(device)
+    check_arguments(cls, kwargs, f"{where}: feature encoder {spec['name']!r}")
+    impossible = cls.impossible_keys(kwargs["keys"])
+    if impossible:
+        raise ValueError(f"{where}.keys: feature encoder {spec['name']!r} has no map for {impossible}; its maps match "
+                         f"{cls.map_pattern!r}, and keys are <map>, <map>_mean, <map>_std, <map>_flat, each with an "
+                         "optional _<p> patch size")
+    return kwargs
+
+
+def build_features_from_config(spec: dict[str, Any], generator: OneStepGenerator, device: str) -> FeatureEncoder:
+    """The encoder of a validated ``models.features`` config section (:func:`features_arguments`), on `device`."""
+    return build_feature_encoder(spec["name"], generator=generator, **features_arguments(spec)).to(device)
 
 
 __all__ = [

@@ -81,6 +81,14 @@ class FeatureEncoder(nn.Module, ABC):
 
     needs_generator: bool = False
     needs_condition: bool = False
+    #: What this encoder's map names look like (a regular expression), known before any model is loaded: a key
+    #: whose map cannot match is refused when the config is read; a built encoder checks its real maps.
+    map_pattern: str = r".+"
+
+    @classmethod
+    def impossible_keys(cls, keys: Sequence[str]) -> list[str]:
+        """The keys whose map no encoder of this class can have."""
+        return [k for k in keys if not re.fullmatch(cls.map_pattern, parse_feature_key(k)[0])]
 
     def __init__(self, keys: Sequence[str], chunk_size: int | None = None, spatial_stride: int = 1) -> None:
         super().__init__()

@@ -267,6 +267,8 @@ class LatentMAEFeatures(FeatureEncoder):
         chunk_size: encode at most this many latents at once (bounds activation memory).
     """
 
+    map_pattern = r"conv1|layer\d+(_blk\d+)?"
+
     def __init__(
         self,
         checkpoint_path: str | Path,

@@ -31,6 +31,8 @@ class RawLatentFeatures(FeatureEncoder):
     smallest stride that fits; `max_latent_tokens=None` runs it anyway (the original's default behaviour).
     """
 
+    map_pattern = "latent"
+
     def __init__(
         self,
         keys: Sequence[str] = RAW_LATENT_KEYS,

@@ -81,6 +81,7 @@ class TeacherUNetFeatures(FeatureEncoder):
 
     needs_generator = True
     needs_condition = True
+    map_pattern = r"[A-Za-z_]\w*(\.\w+)*"  # U-Net module names, checked against the U-Net when built
 
     def __init__(
         self,

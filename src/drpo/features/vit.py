@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import Dinov2Model, PreTrainedModel, ViTMAEModel
 
 from drpo.features.base import FeatureEncoder
 from drpo.generators import OneStepGenerator
@@ -60,7 +59,10 @@ class _ViTImageFeatures(FeatureEncoder):
     """
 
     needs_generator = True
-    model_class: type[PreTrainedModel]
+    map_pattern = r"layer\d+_(patch|cls)"
+    #: The transformers class of the model folder, imported when an encoder is built (checking a config imports
+    #: this module and stays fast).
+    model_class_name: str
 
     def __init__(
         self,
@@ -77,7 +79,10 @@ class _ViTImageFeatures(FeatureEncoder):
             raise FileNotFoundError(f"{type(self).__name__}: model folder {path} lacks {missing}")
         self.generator = generator  # not an nn.Module: the VAE stays out of this encoder's parameters
         self.decode_chunk_size = decode_chunk_size
-        self.model = self.model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        import transformers
+
+        model_class = getattr(transformers, self.model_class_name)
+        self.model = model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
         self.image_size, mean, std = _processor_settings(path)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -127,7 +132,7 @@ class ViTMAEFeatures(_ViTImageFeatures):
         chunk_size: ViT batch size (paper: 4); decode_chunk_size: VAE batch size (paper: 1).
     """
 
-    model_class = ViTMAEModel
+    model_class_name = "ViTMAEModel"
 
     def __init__(
         self,
@@ -176,7 +181,7 @@ class DinoFeatures(_ViTImageFeatures):
         chunk_size: ViT batch size; decode_chunk_size: VAE batch size (paper: 1 for both).
     """
 
-    model_class = Dinov2Model
+    model_class_name = "Dinov2Model"
 
     def __init__(
         self,

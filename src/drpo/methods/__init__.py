@@ -9,6 +9,7 @@ from drpo.methods.drpo import DrPO
 from drpo.methods.grpo import GRPO
 from drpo.methods.pso import PSO
 from drpo.methods.vggflow import VGGFlow
+from drpo.registry import lookup
 
 METHODS: dict[str, type[Method]] = {
     "drpo": DrPO,
@@ -22,9 +23,7 @@ METHODS: dict[str, type[Method]] = {
 
 def build_method(name: str, generator, reward, features, config: dict) -> Method:
     """Instantiate method ``name`` from the validated workflow config."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name].from_config(generator, reward, features, config)
+    return lookup(METHODS, name, "method").from_config(generator, reward, features, config)
 
 
 __all__ = ["METHODS", "Method", "PromptBatch", "build_method"]

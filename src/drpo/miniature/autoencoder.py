@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 from tqdm import tqdm
 
-from drpo.generators import to_uint8
+from drpo.images import to_uint8
 from drpo.miniature.data import render_batch, sample_rows, write_provenance
 from drpo.tiny import tiny_vae_config
 from drpo.world.detect import judge

@@ -48,7 +48,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from drpo.drift import drift_loss
 from drpo.evaluate import sample_latents
 from drpo.features.latent_mae import LatentMAEFeatures
-from drpo.generators import PromptEmbedding, SDTurboGenerator, to_uint8
+from drpo.generators import PromptEmbedding, SDTurboGenerator
+from drpo.images import to_uint8
 from drpo.miniature.autoencoder import encode, load_autoencoder
 from drpo.miniature.data import max_prompt_tokens, render_pool, sample_rows, to_float, vocabulary, write_provenance
 from drpo.miniature.mae import CHECKPOINT_NAME

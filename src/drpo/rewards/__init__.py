@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drpo.registry import check_arguments, lookup
 from drpo.rewards.base import Reward
 from drpo.rewards.clip import AestheticReward, CLIPImageReward, CLIPScoreReward, PickScoreReward
 from drpo.rewards.ensemble import EnsembleReward
@@ -75,24 +76,49 @@ REWARDS: dict[str, type[Reward]] = {
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
     """Instantiate the reward registered as `name` with `kwargs`; ValueError for unknown names."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; valid names: {sorted(REWARDS)}")
-    return REWARDS[name](**kwargs)
+    return lookup(REWARDS, name, "reward")(**kwargs)
 
 
-def _build_member(spec: dict[str, Any], where: str, device: str | None) -> Reward:
+def reward_members(spec: dict[str, Any], where: str) -> list[tuple[str, str, dict[str, Any], float | None]]:
+    """(where, registry name, constructor arguments, ensemble weight or None) of each reward a config mapping
+    names (shape in the module docstring); ValueError naming the first problem: no or an unknown name, an
+    argument the reward does not take, an ensemble member without a numeric weight."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: a reward config is a mapping, got {type(spec).__name__}")
+    if "ensemble" not in spec:
+        return [_member(spec, where, None)]
+    # A preset's ensemble merged over config.yaml's single reward keeps that reward's name and path beside it, and
+    # a held-out ensemble gets its label as name: the ensemble ignores both.
+    if set(spec) - {"ensemble", "name", "path"} or not isinstance(spec["ensemble"], dict) or not spec["ensemble"]:
+        raise ValueError(f"{where}: an ensemble is {{'ensemble': {{key: {{'weight': w, ...}}, ...}}}} and "
+                         f"nothing else, got {spec}")
+    members = []
+    for key, member in spec["ensemble"].items():
+        member_where = f"{where}: ensemble member {key!r}"
+        if not isinstance(member, dict) or not isinstance(member.get("weight"), (int, float)):
+            raise ValueError(f"{member_where}: needs a numeric 'weight', got {member}")
+        named = {"name": key} | {k: v for k, v in member.items() if k != "weight"}
+        members.append(_member(named, member_where, float(member["weight"])))
+    return members
+
+
+def _member(spec: dict[str, Any], where: str, weight: float | None) -> tuple[str, str, dict[str, Any], float | None]:
     if not isinstance(spec.get("name"), str):
-        raise ValueError(f"{where}: needs a 'name' (one of {sorted(REWARDS)}), got {spec}")
+        raise ValueError(f"{where}: needs a 'name' (one of {', '.join(sorted(REWARDS))}), got {spec}")
     # path: null (a config merged over one that names a model folder) means the reward has no model folder.
     kwargs = {k: v for k, v in spec.items() if k != "name" and not (k == "path" and v is None)}
     if "path" in kwargs:
         if "model_path" in kwargs:
             raise ValueError(f"{where}: give 'path' or 'model_path', not both")
         kwargs["model_path"] = kwargs.pop("path")
-    reward_class = REWARDS.get(spec["name"])  # an unknown name fails in build_reward
-    if device is not None and "device" not in kwargs and reward_class is not None and reward_class.takes_device:
-        kwargs["device"] = device
-    return build_reward(spec["name"], **kwargs)
+    reward_class = lookup(REWARDS, spec["name"], "reward", where)
+    try:
+        check_arguments(reward_class, kwargs, f"{where}: reward {spec['name']!r}")
+    except ValueError as error:
+        hint = (" (its 'path' is the model folder of another reward: a preset merged over a reward section keeps "
+                "the keys it does not set, so set path: null)" if "model_path" in str(error) and "path" in spec else "")
+        raise ValueError(f"{error}{hint}") from None
+    return where, spec["name"], kwargs, weight
 
 
 def build_reward_from_config(spec: dict[str, Any], device: str | None = None) -> Reward:
@@ -101,23 +127,14 @@ def build_reward_from_config(spec: dict[str, Any], device: str | None = None) ->
     `device` goes to every reward (every ensemble member) whose constructor takes one (`Reward.takes_device`)
     and whose spec names no device of its own.
     """
-    if not isinstance(spec, dict):
-        raise ValueError(f"reward config must be a mapping, got {type(spec).__name__}")
-    if "ensemble" not in spec:
-        return _build_member(spec, "reward config", device)
-    # A preset's ensemble merged over config.yaml's single reward keeps that reward's name and path beside it, and
-    # a held-out ensemble gets its label as name: the ensemble ignores both.
-    if set(spec) - {"ensemble", "name", "path"} or not isinstance(spec["ensemble"], dict) or not spec["ensemble"]:
-        raise ValueError(f"reward config: an ensemble is {{'ensemble': {{key: {{'weight': w, ...}}, ...}}}} and "
-                         f"nothing else, got {spec}")
     rewards, weights = {}, {}
-    for key, member in spec["ensemble"].items():
-        where = f"reward config: ensemble member {key!r}"
-        if not isinstance(member, dict) or not isinstance(member.get("weight"), (int, float)):
-            raise ValueError(f"{where}: needs a numeric 'weight', got {member}")
-        weights[key] = float(member["weight"])
-        rewards[key] = _build_member({"name": key} | {k: v for k, v in member.items() if k != "weight"}, where,
-                                     device)
+    for where, name, kwargs, weight in reward_members(spec, "reward config"):
+        if device is not None and "device" not in kwargs and REWARDS[name].takes_device:
+            kwargs = kwargs | {"device": device}
+        if weight is None:
+            return build_reward(name, **kwargs)
+        key = where.rsplit("'", 2)[1]  # the ensemble member's key
+        rewards[key], weights[key] = build_reward(name, **kwargs), weight
     return EnsembleReward(rewards, weights)
 
 

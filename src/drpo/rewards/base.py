@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drpo.generators import to_uint8
+from drpo.images import to_uint8
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModel, AutoProcessor
 
 from drpo.rewards.base import Reward, as_dtype
 
@@ -51,6 +50,8 @@ class CLIPImageReward(Reward):
         self.dtype = as_dtype(dtype)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        from transformers import AutoModel, AutoProcessor  # here: checking a config imports this module
+
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.dtype)
         self.model.to(self.device).eval().requires_grad_(False)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLModel
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+if TYPE_CHECKING:  # transformers loads where a model is built: checking a config imports this module
+    from transformers import Qwen2VLModel
 
 from drpo.rewards.base import Reward, as_dtype
 
@@ -212,6 +215,8 @@ class HPSv3Reward(Reward):
         self.max_pixels = max_pixels
         self.min_pixels = max_pixels if min_pixels is None else min_pixels
 
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLModel
+
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
@@ -250,6 +255,8 @@ class HPSv3Reward(Reward):
     def preprocess(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(n, 3, H, W) in [-1, 1] -> patches (n * gh * gw, 3 * temporal * patch^2) fp32 and grid_thw (n, 3)."""
         n, c, height, width = images.shape
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
         h, w = smart_resize(height, width, factor=self.patch * self.merge, min_pixels=self.min_pixels,
                             max_pixels=self.max_pixels)
         x = ((images.float() + 1) / 2).clamp(0, 1)

@@ -60,7 +60,7 @@ def main() -> None:
     source = OnlineReference(generator, [row["prompt"]], candidates=config["train"]["candidates"], seed=0)
     settings = TrainSettings.from_config(config["train"], 0, args.method)
     with tempfile.TemporaryDirectory() as run_dir:
-        train(method, source, settings, run_dir, metadata=[row], log=lambda *_: None)
+        train(method, source, settings, run_dir, identity={}, metadata=[row], log=lambda *_: None)
     print("after ", judge(generator, reward, row), flush=True)
 
 

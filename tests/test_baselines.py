@@ -339,7 +339,8 @@ def test_two_updates_through_the_training_loop(tiny_config, tmp_path, name):
     generator, reward = _models(config)
     method = build_method(name, generator, reward, None, config)
     bank = build_reference_bank(generator, PROMPTS[:2], candidates=4, noise_sets=1, seed=0, batch_size=8)
-    train(method, bank, TrainSettings.from_config(config["train"], seed=0), tmp_path, log=lambda *_: None)
+    train(method, bank, TrainSettings.from_config(config["train"], seed=0), tmp_path, identity={"method": name},
+          log=lambda *_: None)
 
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["checkpoint-1", "checkpoint-2"]

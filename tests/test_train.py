@@ -13,9 +13,12 @@ from drpo.methods import build_method
 from drpo.methods.base import PromptBatch
 from drpo.pipeline import load_models
 from drpo.reference import OnlineReference, ReferenceBank, build_reference_bank
-from drpo.train import PromptSchedule, TrainSettings, latest_checkpoint, train
+from drpo.run_folder import latest_checkpoint
+from drpo.train import PromptSchedule, TrainSettings, train
 
 from conftest import PROMPTS
+
+RUN = {"run": "one training configuration"}  # the identity the tests' run folders belong to
 
 
 def _setup(config):
@@ -75,7 +78,7 @@ def test_reward_weighted_objectives_train_through_drpo(tiny_config, objective):
 def test_training_writes_diffusers_checkpoints_and_metrics(tiny_config, tmp_path):
     method, bank = _setup(tiny_config)
     settings = TrainSettings.from_config(tiny_config["train"], seed=0)
-    done = train(method, bank, settings, tmp_path / "run", log=lambda *_: None)
+    done = train(method, bank, settings, tmp_path / "run", identity=RUN, log=lambda *_: None)
     assert json.loads(done.read_text())["steps"] == 4
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["checkpoint-2", "checkpoint-4"]
@@ -88,19 +91,19 @@ def test_training_writes_diffusers_checkpoints_and_metrics(tiny_config, tmp_path
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_config, tmp_path):
     settings = TrainSettings.from_config(tiny_config["train"], seed=0)
     method, bank = _setup(tiny_config)
-    train(method, bank, settings, tmp_path / "straight", log=lambda *_: None)
+    train(method, bank, settings, tmp_path / "straight", identity=RUN, log=lambda *_: None)
 
     # "Kill" after update 3: run 3 updates, drop the last checkpoint's successor state, then rerun to 4.
     method, bank = _setup(tiny_config)
     short = TrainSettings.from_config(tiny_config["train"] | {"steps": 3}, seed=0)
-    train(method, bank, short, tmp_path / "resumed", log=lambda *_: None)
+    train(method, bank, short, tmp_path / "resumed", identity=RUN, log=lambda *_: None)
     (tmp_path / "resumed" / "train_done.json").unlink()
     import shutil
 
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "checkpoint-3")  # died before saving update 3
     messages = []
     method, bank = _setup(tiny_config)
-    train(method, bank, settings, tmp_path / "resumed", log=messages.append)
+    train(method, bank, settings, tmp_path / "resumed", identity=RUN, log=messages.append)
     assert any("resuming from" in m and "checkpoint-2" in m for m in messages)
     assert latest_checkpoint(tmp_path / "resumed").name == "checkpoint-4"
     final = "checkpoints/checkpoint-4/pytorch_lora_weights.safetensors"
@@ -116,7 +119,7 @@ def test_bank_with_wrong_k_is_refused(tiny_config, tmp_path):
     method, bank = _setup(tiny_config)
     settings = TrainSettings.from_config(tiny_config["train"] | {"candidates": 8}, seed=0)
     with pytest.raises(ValueError, match="K=6"):
-        train(method, bank, settings, tmp_path / "run", log=lambda *_: None)
+        train(method, bank, settings, tmp_path / "run", identity=RUN, log=lambda *_: None)
 
 
 def test_nan_reward_stops_training_with_a_clear_error(tiny_config):

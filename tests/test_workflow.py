@@ -1,5 +1,6 @@
 """The Snakemake DAG resolves for the default config and both paper presets; bad configs fail early."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,21 @@ def test_a_misspelt_name_fails_the_dry_run_and_a_nested_value_can_be_set_on_the_
     assert result.returncode != 0 and "unknown method 'grp0'" in result.stdout + result.stderr
     result = _dry_run(tmp_path, REPO / "config.yaml", extra=["--config", "drpo={reference_loss_weight: 0.5}"])
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_cost_measurement_waits_for_the_models_being_built(tmp_path):
+    # configs/ci.yaml builds its miniature models under results_dir: here none exists yet (issue 14, fault 11).
+    override = tmp_path / "override.yaml"
+    root = tmp_path / "results"
+    override.write_text(yaml.safe_dump({
+        "results_dir": str(root),
+        "models": {"generator": {"path": str(root / "miniature/generator")},
+                   "features": {"checkpoint": str(root / "miniature/mae/mae_latent_torch.pth")},
+                   "reward": {"path": str(root / "miniature/reward")}},
+        "evaluate": {"rewards": {"heldout": {"path": str(root / "miniature/heldout_reward")}}}}))
+    result = subprocess.run([*SNAKEMAKE, "--dag", "--cores", "1", "--configfile", str(REPO / "configs" / "ci.yaml"),
+                             str(override)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)', result.stdout, flags=re.M))
+    edges = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", result.stdout, flags=re.M)}
+    assert {("miniature_generator", "cost_measured"), ("miniature_mae", "cost_measured")} <= edges

@@ -78,6 +78,28 @@ def make_reference_bank(config: dict, prompts_path: str | Path, bank_out: str | 
     bank.save(bank_out)
 
 
+def run_settings(config: dict, method: str, seed: int) -> dict:
+    """What one training run depends on: the method's section, the models, the train settings that shape it (not
+    the list of methods and seeds, nor the process count, which changes no result) and its length. The train rule
+    declares it as params, so a change reruns exactly the runs it concerns."""
+    train = config["train"]
+    shared = {key: value for key, value in train.items()
+              if key not in ("methods", "seeds", "learning_rate", "learning_rates", "processes", "main_process_port")}
+    return {"method": method, "seed": seed, method: config.get(method, {}), "models": config["models"],
+            "train": shared | {"learning_rate": train["learning_rates"].get(method, train["learning_rate"])}}
+
+
+def run_identity(config: dict, method: str, seed: int, rows: list[dict]) -> dict:
+    """What a run folder belongs to (drpo.run_folder.claim): the run's settings without its length, which training
+    can extend by resuming, and a digest of its training prompts."""
+    import hashlib
+
+    identity = run_settings(config, method, seed)
+    identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("steps", "checkpoint_every")}
+    rows_json = json.dumps(rows, sort_keys=True).encode()
+    return identity | {"prompts_sha256": hashlib.sha256(rows_json).hexdigest()}
+
+
 def run_training(config: dict, method_name: str, seed: int, prompts_path: str | Path, run_dir: str | Path,
                  *, bank_path: str | Path | None = None, log=print) -> Path:
     """Train one (method, seed) run; the frozen base's samples come from the bank when one is given."""
@@ -85,8 +107,6 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
     from drpo.reference import OnlineReference, ReferenceBank
     from drpo.train import TrainSettings, train
 
-    run_dir = Path(run_dir)
-    write_provenance(run_dir, config, {"method": method_name, "seed": seed})
     generator, reward, features = load_models(config)
     method = build_method(method_name, generator, reward, features, config)
     rows = read_rows(prompts_path)
@@ -99,7 +119,9 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
     else:
         source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=seed)
     settings = TrainSettings.from_config(config["train"], seed, method_name)
-    return train(method, source, settings, run_dir, metadata=rows, log=log)
+    return train(method, source, settings, run_dir, identity=run_identity(config, method_name, seed, rows),
+                 metadata=rows, log=log,
+                 provenance=lambda folder: write_provenance(folder, config, {"method": method_name, "seed": seed}))
 
 
 def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Path,
@@ -110,7 +132,7 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
 
     from drpo.evaluate import evaluation_seeds, sample_latents, score_latents, summarize
     from drpo.lora import load_lora
-    from drpo.train import CHECKPOINT_PREFIX
+    from drpo.run_folder import CHECKPOINT_PREFIX
 
     from drpo.rewards import build_reward_from_config
 
@@ -171,7 +193,7 @@ def make_grid(config: dict, prompts_path: str | Path, run_dir: str | Path, metho
               out_png: str | Path) -> None:
     from drpo.evaluate import sample_images
     from drpo.report import plot_grid
-    from drpo.train import latest_checkpoint
+    from drpo.run_folder import latest_checkpoint
 
     generator = load_generator_at(config, latest_checkpoint(run_dir))
     rows = read_rows(prompts_path)

@@ -8,35 +8,30 @@ Data order is a pure function of the update index (PromptSchedule): prompts are 
 run seed and cycled, tag by tag when they carry GenEval tags and train.balance_tags is on; the noise set
 of a prompt is its epoch modulo the bank's noise sets. Checkpoints hold the
 LoRA (diffusers format), the optimizer state and the update index, so a killed run resumes from
-its latest checkpoint with exactly the data and state it would have had.
-
-Layout of ``run_dir``::
-
-    checkpoints/checkpoint-<step>/pytorch_lora_weights.safetensors, lora_config.json,
-                                  optimizer.pt, training_state.json
-    metrics.jsonl     one JSON line per update
-    train_done.json   written last; its presence means the run finished
+its latest whole checkpoint with exactly the data and state it would have had. The run folder (drpo.run_folder)
+is locked while a trainer writes it and belongs to one identity: other settings start afresh. ``train_done.json``
+is written last; its presence means the run finished.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from drpo import run_folder
 from drpo.config import checkpoint_steps
 from drpo.lora import add_lora, load_lora, save_lora
 from drpo.methods.base import Measure, Method, PromptBatch, unmeasured
 from drpo.reference import ReferenceSource
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass(frozen=True)
@@ -65,13 +60,6 @@ class TrainSettings:
         learning_rate = train.get("learning_rates", {}).get(method, train["learning_rate"])
         return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), learning_rate=learning_rate,
                    **{k: train[k] for k in keys})
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "training_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
 
 
 class PromptSchedule:
@@ -162,20 +150,41 @@ def update(method: Method, batches: Iterable[PromptBatch], params: list[torch.nn
 
 
 def _save_checkpoint(run_dir: Path, step: int, method: Method, optimizer, settings: TrainSettings) -> None:
-    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_lora(method.generator.unet, tmp, kind=method.generator.kind, metadata={"step": step, "seed": settings.seed})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    state = {"step": step, "seed": settings.seed, "method": method.name, "method_state": method.state_dict()}
-    (tmp / "training_state.json").write_text(json.dumps(state) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a killed job leaves at most a *.tmp folder, never a half checkpoint
+    def write(folder: Path) -> None:
+        save_lora(method.generator.unet, folder, kind=method.generator.kind,
+                  metadata={"step": step, "seed": settings.seed})
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        state = {"step": step, "seed": settings.seed, "method": method.name, "method_state": method.state_dict()}
+        (folder / "training_state.json").write_text(json.dumps(state) + "\n")
+
+    run_folder.save_checkpoint(run_dir, step, write)
+
+
+def _resume(run_dir: Path, method: Method, optimizer, steps: int, log) -> int:
+    """Load the newest whole checkpoint (warning about each damaged one skipped); its step, or 0."""
+    for checkpoint in run_folder.checkpoints(run_dir):
+        try:
+            state, optimizer_state = run_folder.read_checkpoint(checkpoint)
+            load_lora(method.generator.unet, checkpoint)
+        except (OSError, ValueError) as error:
+            log(f"warning: skipping checkpoint {checkpoint}, which is damaged ({error}); trying the one before")
+            continue
+        optimizer.load_state_dict(optimizer_state)
+        if "method_state" in state:
+            method.load_state_dict(state["method_state"])
+        log(f"resuming from {checkpoint} (update {state['step']} of {steps})")
+        return state["step"]
+    return 0
 
 
 def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_dir: str | Path, *,
-          metadata: list[dict] | None = None, log=print) -> Path:
-    """Train ``method``'s generator on the source's prompts; resume from the latest checkpoint.
+          identity: dict[str, Any], metadata: list[dict] | None = None,
+          provenance: Callable[[Path], None] | None = None, log=print) -> Path:
+    """Train ``method``'s generator on the source's prompts; resume from the latest whole checkpoint.
+
+    ``identity`` is what the run folder belongs to (drpo.run_folder.claim): a folder holding a run of other
+    settings is moved aside and training starts afresh. ``provenance(run_dir)`` writes the run's resolved
+    config once the folder is claimed. The main process holds the folder's lock while training.
 
     Runs in every process of an ``accelerate launch`` (one process per GPU): each process takes an
     equal share of the update's prompts, LoRA gradients are summed across processes (they are a few
@@ -187,9 +196,21 @@ def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_
     if settings.prompts_per_step % world:
         raise ValueError(f"train.prompts_per_step ({settings.prompts_per_step}) must be a multiple of the "
                          f"number of processes ({world})")
-    local_prompts = settings.prompts_per_step // world
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder.Lock(run_dir) if main else nullcontext():
+        if main:
+            run_folder.claim(run_dir, identity, log)
+            run_folder.remove_temporaries(run_dir, log)
+            if provenance is not None:
+                provenance(run_dir)
+        _barrier()  # no process looks for checkpoints before the folder is claimed
+        return _train(method, source, settings, run_dir, metadata, world, rank, log)
+
+
+def _train(method: Method, source: ReferenceSource, settings: TrainSettings, run_dir: Path,
+           metadata: list[dict] | None, world: int, rank: int, log) -> Path:
+    main = rank == 0
+    local_prompts = settings.prompts_per_step // world
     generator = method.generator
     if source.candidates != settings.candidates:
         raise ValueError(f"reference source has K={source.candidates} noises per cell but "
@@ -198,16 +219,7 @@ def train(method: Method, source: ReferenceSource, settings: TrainSettings, run_
     params = add_lora(generator.unet, rank=settings.lora["rank"], alpha=settings.lora["alpha"],
                       dropout=settings.lora["dropout"], targets=tuple(settings.lora["targets"]))
     optimizer = optimizer_for(params, settings)
-    start = 0
-    resume = latest_checkpoint(run_dir)
-    if resume is not None:
-        load_lora(generator.unet, resume)
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-        saved = json.loads((resume / "training_state.json").read_text())
-        start = saved["step"]
-        if "method_state" in saved:
-            method.load_state_dict(saved["method_state"])
-        log(f"resuming from {resume} (update {start} of {settings.steps})")
+    start = _resume(run_dir, method, optimizer, settings.steps, log)
     tags = [row.get("tag") for row in metadata] if metadata and settings.balance_tags else None
     schedule = PromptSchedule(len(source.prompts), source.noise_sets, settings.seed,
                               tags=tags if tags and None not in tags else None)

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from drpo.config import checkpoint_steps, validate_config
+from drpo.pipeline import run_settings
 
 validate_config(config)
 
@@ -77,6 +78,6 @@ def final_outputs():
     ] + ([f"{R}/cost/cost_table.csv", f"{R}/cost/cost_components.png"] if config["cost"]["enabled"] else [])
 
 
-def method_settings(wildcards):
-    """The config section of the run's method (empty for methods without one)."""
-    return config.get(wildcards.method, {})
+def run_settings_of(wildcards):
+    """The settings one (method, seed) run depends on: the train rule's params."""
+    return run_settings(config, wildcards.method, int(wildcards.seed))

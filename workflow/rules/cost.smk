@@ -3,11 +3,6 @@
 # the miniature on this machine, from GPU profiles of scripts/profile_gpu.py when given, and the paper's.
 
 
-def cost_model_files():
-    """The configured miniature model files that exist: retraining them reruns the measurement."""
-    return [path for path in model_inputs().values() if Path(path).exists()]
-
-
 def cost_gpu_profiles():
     return [path for path in config["cost"]["gpu_profiles"] if Path(path).exists()]
 
@@ -28,7 +23,9 @@ rule cost_analytic:
 
 rule cost_measured:
     input:
-        models=cost_model_files(),
+        # The model files whether or not they exist yet, so that the measurement waits for a model being built
+        # (it would otherwise time stand-ins) and reruns when one is rebuilt.
+        unpack(model_inputs),
         prompts=train_prompts(),
     output:
         f"{R}/cost/measured_miniature.csv",

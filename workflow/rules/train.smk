@@ -19,11 +19,10 @@ rule train:
     log:
         RUN + "/train.log",
     params:
-        # What training reads, declared so that a change reruns it (Snakemake's params trigger). The script takes
-        # the whole config: the run saves it as config.resolved.yaml, which a multi-GPU launch loads again.
-        train=config["train"],
-        models=config["models"],
-        method=method_settings,
+        # The settings this run depends on (drpo.pipeline.run_settings): a change reruns this run only, and adding
+        # a seed or a method reruns no other. The script takes the whole config, which the run saves as
+        # config.resolved.yaml; the run folder refuses to resume from checkpoints of other settings.
+        run=run_settings_of,
     message:
         "Training {wildcards.method}, seed {wildcards.seed}"
     resources:

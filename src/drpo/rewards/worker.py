@@ -54,6 +54,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from drpo.processes import child_ends_with_parent
 from drpo.rewards.base import Reward
 
 PROTOCOL_VERSION = 1
@@ -182,8 +183,10 @@ class WorkerReward(Reward):
         self._stderr.clear()
         self._lines = queue.Queue()
         try:
+            # The worker runs in a session of its own (its whole group can be killed) and dies with this process.
             proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                    preexec_fn=child_ends_with_parent())
         except OSError as exc:
             raise WorkerError(f"{self._who()}: could not start: {exc}") from exc
         self._proc = proc

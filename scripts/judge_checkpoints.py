@@ -5,7 +5,8 @@ The evaluation rule judges every checkpoint on the test prompts x evaluate.seeds
 more noises (seeds disjoint from the evaluation's by default) and prints, per tag and model: GenEval-lite (%,
 GenEval's semantics), the mean number of objects the detector finds, and the share of images with more objects
 than the prompt asks for (GenEval passes an included object present *at least* so many times, so drawing extra
-shapes can raise GenEval-lite without drawing better ones). The overall score is the mean of the tags judged.
+shapes can raise GenEval-lite without drawing better ones; "strict" also fails those images). The overall scores
+are the means of the tags judged.
 
     python scripts/judge_checkpoints.py --config results/runs/drpo/seed0/config.resolved.yaml \
         --prompts results/world/test_metadata.jsonl --seeds 1000:1032 \
@@ -41,7 +42,7 @@ def seed_range(text: str) -> list[int]:
 
 
 def judge_checkpoints(config: dict, rows: list[dict], seeds: list[int], checkpoints: list[str | None]) -> pd.DataFrame:
-    """One row per (model, tag): geneval (%), objects, extra (%); model "base" for a checkpoint None."""
+    """One row per (model, tag): geneval and strict (%), objects, extra (%); model "base" for a checkpoint None."""
     spec = world_spec(config)
     if spec is None:
         raise ValueError("the detector judges the miniature world's images: this config has world.enabled false")
@@ -54,10 +55,11 @@ def judge_checkpoints(config: dict, rows: list[dict], seeds: list[int], checkpoi
         model = "base" if checkpoint is None else str(checkpoint)
         for tag in (tag for tag in TAGS if tag in verdicts):
             v = verdicts[tag]
-            records.append({"model": model, "tag": tag, "geneval": 100 * v["correct"], "objects": v["objects"],
-                            "extra": 100 * v["extra"]})
+            records.append({"model": model, "tag": tag, "geneval": 100 * v["correct"], "strict": 100 * v["strict"],
+                            "objects": v["objects"], "extra": 100 * v["extra"]})
         records.append({"model": model, "tag": "overall",
-                        "geneval": sum(100 * v["correct"] for v in verdicts.values()) / len(verdicts)})
+                        "geneval": sum(100 * v["correct"] for v in verdicts.values()) / len(verdicts),
+                        "strict": sum(100 * v["strict"] for v in verdicts.values()) / len(verdicts)})
     return pd.DataFrame.from_records(records)
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no prompts of tags {args.tags} in {args.prompts}", file=sys.stderr)
         return 2
     table = judge_checkpoints(config, rows, args.seeds, [None, *args.checkpoints])
-    print(f"{len(rows)} prompts x {len(args.seeds)} seeds; geneval and extra in %")
+    print(f"{len(rows)} prompts x {len(args.seeds)} seeds; geneval, strict and extra in %")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

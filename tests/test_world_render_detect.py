@@ -198,10 +198,12 @@ def test_judge_by_tag_passes_renders_counts_their_objects_and_flags_extra_shapes
     assert set(verdicts) == set(TAGS)
     for tag in TAGS:
         asked = np.mean([sum(e["count"] for e in row["include"]) for row in rows if row["tag"] == tag])
-        assert verdicts[tag] == {"correct": 1.0, "objects": asked, "extra": 0.0}, tag
-    # Two objects drawn for a single-object prompt: every image has more than asked, and GenEval passes it.
+        assert verdicts[tag] == {"correct": 1.0, "strict": 1.0, "objects": asked, "extra": 0.0}, tag
+    # Two objects drawn for a single-object prompt: every image has more than asked; GenEval passes it, the strict
+    # check does not.
     single = next(row for row in ROWS if row["tag"] == "single_object")
     pair = next(row for row in ROWS if row["tag"] == "two_object")
     drawn = [render({**pair, "include": [{**pair["include"][0], "class": single["include"][0]["class"]},
                                          pair["include"][1]]}, rng, SPEC) for _ in range(2)]
-    assert judge_by_tag(drawn, [single] * 2, SPEC)["single_object"] == {"correct": 1.0, "objects": 2.0, "extra": 1.0}
+    assert judge_by_tag(drawn, [single] * 2, SPEC)["single_object"] == {"correct": 1.0, "strict": 0.0, "objects": 2.0,
+                                                                       "extra": 1.0}

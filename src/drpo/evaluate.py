@@ -90,7 +90,7 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
     indices = list(range(len(rows))) if prompt_indices is None else list(prompt_indices)
     held_out = held_out or {}
     embedder = next((r for r in (reward, *held_out.values()) if hasattr(r, "embed_images")), None)
-    from drpo.world.detect import judge
+    from drpo.world.detect import judge_image
 
     n_seeds = len(seeds)
     if latents.shape[0] != len(rows) * n_seeds:
@@ -112,7 +112,9 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
                       "prompt": row["prompt"], "tag": row.get("tag"), "reward": score,
                       **{f"reward_{label}": values[offset] for label, values in extra.items()}}
             if world_spec is not None:
-                record["correct"], record["reason"] = judge(image, row, world_spec)
+                verdict = judge_image(image, row, world_spec)
+                record |= {"correct": verdict.correct, "correct_strict": verdict.strict, "objects": verdict.objects,
+                           "reason": verdict.reason}
             records.append(record)
             if images_dir is not None:
                 images_u8.append(image)
@@ -149,10 +151,12 @@ def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale
                "diversity": float(per_prompt["diversity"].mean())}
     for label, scale in (held_out_scales or {}).items():
         summary[f"reward_{label}"] = float(by_prompt[f"reward_{label}"].mean().mean() * scale)
-    if "correct" in per_image:
-        by_tag = per_image.groupby("tag")["correct"].mean()
-        for tag in GENEVAL_TAGS:
-            summary[f"geneval_{tag}"] = float(by_tag.get(tag, np.nan) * 100)
-        # GenEval's overall score is the mean of the per-task accuracies.
-        summary["geneval_overall"] = float(by_tag.mean() * 100)
+    # GenEval-lite with GenEval's semantics (the paper's metric) and strict (no more objects than asked); the
+    # overall score is the mean of the per-task accuracies, as GenEval's.
+    for column, prefix in (("correct", "geneval"), ("correct_strict", "geneval_strict")):
+        if column in per_image:
+            by_tag = per_image.groupby("tag")[column].mean()
+            for tag in GENEVAL_TAGS:
+                summary[f"{prefix}_{tag}"] = float(by_tag.get(tag, np.nan) * 100)
+            summary[f"{prefix}_overall"] = float(by_tag.mean() * 100)
     return summary

@@ -174,18 +174,21 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
 
 
 def make_report(summary_files: list[str], tables_dir: str | Path, reward_png: str | Path,
-                geneval_png: str | Path | None = None) -> None:
-    """Tables, the reward curves (target, held-out, GenEval-lite overall, diversity) and, in the
-    miniature world, the per-task GenEval-lite curves."""
+                geneval_png: str | Path | None = None, tasks_png: str | Path | None = None) -> None:
+    """Tables, the reward curves (target, held-out, GenEval-lite overall and strict, diversity) and, in the
+    miniature world, the per-task GenEval-lite curves (GenEval's semantics above, strict below) and bars."""
     from drpo.evaluate import GENEVAL_TAGS
-    from drpo.report import collect, metric_columns, plot_curves, write_tables
+    from drpo.report import collect, metric_columns, plot_curves, plot_task_bars, write_tables
 
     steps = collect(summary_files)
-    write_tables(steps, tables_dir)
+    table = write_tables(steps, tables_dir)
     plot_curves(steps, [m for m in metric_columns(steps) if m.startswith("reward") or m in
-                        ("geneval_overall", "diversity")], reward_png)
+                        ("geneval_overall", "geneval_strict_overall", "diversity")], reward_png)
     if geneval_png is not None:
-        plot_curves(steps, [f"geneval_{tag}" for tag in GENEVAL_TAGS], geneval_png)
+        plot_curves(steps, [f"{prefix}_{tag}" for prefix in ("geneval", "geneval_strict") for tag in GENEVAL_TAGS],
+                    geneval_png, columns=len(GENEVAL_TAGS))
+    if tasks_png is not None:
+        plot_task_bars(table, tasks_png)
 
 
 @torch.no_grad()

@@ -17,8 +17,10 @@ from drpo.evaluate import GENEVAL_TAGS  # noqa: E402
 METRIC_LABELS = {
     "reward": "target reward ×100",
     "geneval_overall": "GenEval-lite overall (%)",
+    "geneval_strict_overall": "GenEval-lite strict overall (%)",
     "diversity": "diversity (cosine distance)",
     **{f"geneval_{tag}": f"GenEval-lite {tag} (%)" for tag in GENEVAL_TAGS},
+    **{f"geneval_strict_{tag}": f"strict {tag} (%)" for tag in GENEVAL_TAGS},
 }
 
 
@@ -107,12 +109,17 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path) -> None:
-    """Metric against update step, mean over seeds with a ±1 std band, one panel per metric."""
+def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path, columns: int | None = None) -> None:
+    """Metric against update step, mean over seeds with a ±1 std band, one panel per metric, ``columns`` panels a
+    row (all in one row by default)."""
     curves = with_base_rows(steps)
     metrics = [m for m in metrics if m in curves]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    columns = columns or len(metrics)
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, metrics):
         for method, group in curves.groupby("method"):
             stats = group.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
             n_seeds = group["seed"].nunique()
@@ -122,6 +129,37 @@ def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path) -> No
         ax.set_ylabel(metric_label(metric))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_task_bars(table: pd.DataFrame, path: str | Path) -> None:
+    """GenEval-lite per task for the base and each method's last step (summary table from final_table): solid bars
+    with GenEval's semantics, hatched ones strict (no more objects than asked), ±1 std over seeds."""
+    tasks = [*GENEVAL_TAGS, "overall"]
+    methods = list(table["method"])
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(tasks)), 3.8))
+    colors = plt.get_cmap("tab10").colors
+    for i, (_, row) in enumerate(table.iterrows()):
+        x = np.arange(len(tasks)) + (i - (len(methods) - 1) / 2) * width
+        for hatch, prefix, label in ((None, "geneval", row["method"]), ("///", "geneval_strict", None)):
+            values = [row.get(f"{prefix}_{task}", np.nan) for task in tasks]
+            errors = [row.get(f"{prefix}_{task}_std", 0.0) for task in tasks]
+            ax.bar(x, values, width * 0.9, yerr=errors, color=colors[i % 10], alpha=0.45 if hatch else 0.9,
+                   hatch=hatch, edgecolor="white" if hatch else None, label=label, capsize=2,
+                   error_kw={"elinewidth": 0.8})
+    ax.set_xticks(np.arange(len(tasks)), [task.replace("_", " ") for task in tasks])
+    ax.set_ylabel("GenEval-lite (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="grey", alpha=0.45, hatch="///", edgecolor="white"))
+    labels.append("strict: no more objects than asked")
+    ax.legend(handles, labels, fontsize=8, ncol=min(4, len(labels)))
+    ax.set_title("GenEval-lite per task at the last update (solid: GenEval's semantics; hatched: strict)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

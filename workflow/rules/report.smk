@@ -10,6 +10,8 @@ def report_outputs():
     if config["world"]["enabled"]:  # GenEval-lite tasks exist only in the miniature world
         outputs["geneval"] = report(f"{R}/figures/geneval_vs_step.png", category="Figures",
                                     caption="../report/curves.rst")
+        outputs["tasks"] = report(f"{R}/figures/geneval_tasks.png", category="Figures",
+                                  caption="../report/tasks.rst")
     return outputs
 
 

@@ -6,4 +6,4 @@ start(snakemake)
 from drpo.pipeline import make_report
 
 make_report(list(snakemake.input.summaries), Path(snakemake.output.table).parent,
-            snakemake.output.reward, snakemake.output.get("geneval"))
+            snakemake.output.reward, snakemake.output.get("geneval"), snakemake.output.get("tasks"))

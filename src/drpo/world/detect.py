@@ -291,18 +291,38 @@ def judge(image: np.ndarray, row: dict[str, Any], spec: WorldSpec) -> tuple[bool
     return judge_detections(detect(image, spec), row, spec)
 
 
-def judge_by_tag(images, rows: list[dict[str, Any]], spec: WorldSpec) -> dict[str, dict[str, float]]:
-    """Per GenEval tag of the rows: "correct", the share of images the judge passes; "objects", the mean number of
-    objects detected; "extra", the share of images with more objects than the row asks (its include counts).
+@dataclass(frozen=True)
+class Verdict:
+    """GenEval's verdict on an image (`correct`, `reason`) and the objects it holds against those its row asks
+    for (the sum of the include counts). GenEval passes an included object present *at least* so many times;
+    `strict` also fails an image with more objects than asked, so that extra shapes drawn to please the judge
+    show."""
 
-    GenEval's semantics pass an included object present *at least* so many times, so a generator rewarded by the
-    judge can gain by drawing extra shapes: "extra" shows it. `images`: (H, W, 3) uint8 images, one per row.
+    correct: bool
+    reason: str
+    objects: int
+    asked: int
+
+    @property
+    def strict(self) -> bool:
+        return self.correct and self.objects <= self.asked
+
+
+def judge_image(image: np.ndarray, row: dict[str, Any], spec: WorldSpec) -> Verdict:
+    """The full verdict on `image` for the GenEval metadata `row` (one detection pass)."""
+    detections = detect(image, spec)
+    correct, reason = judge_detections(detections, row, spec)
+    return Verdict(correct, reason, len(detections), sum(entry["count"] for entry in row["include"]))
+
+
+def judge_by_tag(images, rows: list[dict[str, Any]], spec: WorldSpec) -> dict[str, dict[str, float]]:
+    """Per GenEval tag of the rows: "correct", the share of images the judge passes; "strict", the share it passes
+    with no more objects than asked; "objects", the mean number of objects detected; "extra", the share of images
+    with more objects than the row asks (Verdict). `images`: (H, W, 3) uint8 images, one per row.
     """
-    per_tag: dict[str, list[tuple[bool, int, bool]]] = {}
+    per_tag: dict[str, list[tuple[bool, bool, int, bool]]] = {}
     for image, row in zip(images, rows, strict=True):
-        detections = detect(image, spec)
-        correct, _ = judge_detections(detections, row, spec)
-        asked = sum(entry["count"] for entry in row["include"])
-        per_tag.setdefault(row["tag"], []).append((correct, len(detections), len(detections) > asked))
-    return {tag: dict(zip(("correct", "objects", "extra"), np.mean(values, axis=0).tolist()))
+        v = judge_image(image, row, spec)
+        per_tag.setdefault(row["tag"], []).append((v.correct, v.strict, v.objects, v.objects > v.asked))
+    return {tag: dict(zip(("correct", "strict", "objects", "extra"), np.mean(values, axis=0).tolist()))
             for tag, values in per_tag.items()}

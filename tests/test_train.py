@@ -251,3 +251,25 @@ def test_pass_fail_pools_refuse_a_graded_reward(tiny_config):
     noise, reference = bank.cell(0, 0)
     with pytest.raises(ValueError, match="pass/fail reward"):
         method.loss(PromptBatch(PROMPTS[0], noise, reference))
+
+
+def test_the_perceptual_term_is_the_feature_mse_to_the_frozen_base(tiny_config):
+    config = merge(tiny_config, {"drpo": {"reference_loss_weight": 0.0}})
+    generator, reward, features = load_models(config)
+    params = add_lora(generator.unet, rank=4, alpha=4)
+    with torch.no_grad():
+        for p in params:  # adapters off the identity, so the candidates differ from the base
+            p.add_(0.05 * torch.randn_like(p))
+    noise = generator.make_noise(6, generator=torch.Generator().manual_seed(0))
+    cond = generator.encode_prompts([PROMPTS[0]])
+    reference = generator.sample(cond, noise, adapters=False)
+    batch = PromptBatch(PROMPTS[0], noise, reference)
+    losses = {}
+    for weight in (0.0, 2.0):
+        method = build_method("drpo", generator, reward, features, merge(config, {"drpo": {"feature_l2_weight": weight}}))
+        losses[weight] = method.loss(batch)[0].item()
+    with torch.no_grad():
+        ours = features(generator.sample(cond.repeat_interleave(6), noise).float(), cond=cond)
+        base = features(reference.float(), cond=cond)
+        mse = sum(torch.nn.functional.mse_loss(ours[k], base[k]).item() for k in ours)
+    assert mse > 0 and losses[2.0] - losses[0.0] == pytest.approx(2.0 * mse, rel=1e-4)

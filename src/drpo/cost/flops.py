@@ -153,7 +153,7 @@ def micro_step_flops(method: str, models: Models, settings: UpdateShape) -> dict
             _, flops["reward_score"] = count(reward._score, images, prompts, None)
         (positives, negatives), flops["rank_select"] = count(select_anchors, torch.randn(1, k), s.num_pos, s.num_neg)
         feats, flops["features"] = count(models.features, latents.float(), cond=cond)
-        if s.reference_loss_weight:
+        if s.reference_loss_weight or s.feature_l2_weight:
             with torch.no_grad():
                 flops["features"] += count(models.features, reference.float(), cond=cond)[1]
         shapes = tuple((k, tuple(v.shape)) for k, v in feats.items())

@@ -10,10 +10,11 @@ The drift field is computed in the feature space of a frozen encoder (spec 2.5).
 | ``teacher_unet`` | 2.5b | latent (+ noise) through the generator's frozen base U-Net | generator; cond at call time |
 | ``vit_mae`` | 2.5c | VAE-decoded image | generator (VAE), checkpoint_path (HF folder) |
 | ``dino`` | 2.5d | VAE-decoded image | generator (VAE), checkpoint_path (HF folder) |
+| ``clip_image`` | -- | VAE-decoded image (a CLIP vision tower) | generator (VAE), checkpoint_path (CLIP folder) |
 | ``raw_latent`` | 2.5e | latent | -- |
 
-Each encoder lives in the module of its name (drpo.features.latent_mae, ...), except ``vit_mae`` and ``dino``,
-which share drpo.features.vit.
+Each encoder lives in the module of its name (drpo.features.latent_mae, ...), except ``vit_mae``, ``dino`` and
+``clip_image``, which share drpo.features.vit.
 
 Encoders with ``needs_generator`` borrow the generator's modules (never registered as submodules, so they
 are not moved, saved or frozen through the encoder); `build_feature_encoder(name, generator=...)` passes
@@ -38,7 +39,7 @@ from drpo.features.latent_mae import (
 )
 from drpo.features.raw_latent import MAX_LATENT_TOKENS, RAW_LATENT_KEYS, RawLatentFeatures
 from drpo.features.teacher_unet import TEACHER_LAYERS, TeacherUNetFeatures, pool_flatten
-from drpo.features.vit import DINO_KEYS, VIT_MAE_KEYS, DinoFeatures, ViTMAEFeatures
+from drpo.features.vit import DINO_KEYS, VIT_MAE_KEYS, CLIPImageFeatures, DinoFeatures, ViTMAEFeatures
 from drpo.generators import OneStepGenerator
 from drpo.registry import check_arguments, lookup
 
@@ -47,6 +48,7 @@ FEATURE_ENCODERS: dict[str, type[FeatureEncoder]] = {
     "teacher_unet": TeacherUNetFeatures,
     "vit_mae": ViTMAEFeatures,
     "dino": DinoFeatures,
+    "clip_image": CLIPImageFeatures,
     "raw_latent": RawLatentFeatures,
 }
 
@@ -100,6 +102,7 @@ __all__ = [
     "TEACHER_LAYERS",
     "VIT_MAE_KEYS",
     "BasicBlock",
+    "CLIPImageFeatures",
     "DinoFeatures",
     "FeatureEncoder",
     "LatentMAEEncoder",

@@ -22,13 +22,25 @@ VIT_MAE_KEYS = ("layer12_patch_mean", "layer12_patch_std", "layer12_cls")
 DINO_KEYS = tuple(f"layer{n}_{head}" for n in (3, 6, 9, 12) for head in ("patch_mean", "patch_std", "cls"))
 
 
-def _processor_settings(path: Path) -> tuple[tuple[int, int], list[float], list[float]]:
-    """(target (h, w), image_mean, image_std) from a model folder's preprocessor_config.json.
+def _processor_config(path: Path) -> tuple[Path, dict]:
+    """The image processor settings of a model folder: preprocessor_config.json, or the "image_processor" of the
+    processor_config.json that transformers 5 writes for a processor (CLIP's). FileNotFoundError naming both."""
+    if (path / "preprocessor_config.json").is_file():
+        config_path = path / "preprocessor_config.json"
+        return config_path, json.loads(config_path.read_text(encoding="utf-8"))
+    config_path = path / "processor_config.json"
+    if config_path.is_file() and "image_processor" in (cfg := json.loads(config_path.read_text(encoding="utf-8"))):
+        return config_path, cfg["image_processor"]
+    raise FileNotFoundError(f"model folder {path} has no image processor settings (preprocessor_config.json, or "
+                            "processor_config.json with an image_processor)")
 
-    The target is the crop size when the processor center-crops (DINOv2), else its size (ViT-MAE).
+
+def _processor_settings(path: Path) -> tuple[tuple[int, int], list[float], list[float]]:
+    """(target (h, w), image_mean, image_std) from a model folder's image processor settings.
+
+    The target is the crop size when the processor center-crops (DINOv2, CLIP), else its size (ViT-MAE).
     """
-    config_path = path / "preprocessor_config.json"
-    cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path, cfg = _processor_config(path)
     size = cfg["crop_size"] if cfg.get("do_center_crop") and cfg.get("crop_size") else cfg.get("size")
     if isinstance(size, int):
         target = (size, size)
@@ -74,9 +86,8 @@ class _ViTImageFeatures(FeatureEncoder):
     ) -> None:
         super().__init__(keys, chunk_size)
         path = Path(checkpoint_path)
-        missing = [f for f in ("config.json", "preprocessor_config.json") if not (path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{type(self).__name__}: model folder {path} lacks {missing}")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{type(self).__name__}: model folder {path} lacks config.json")
         self.generator = generator  # not an nn.Module: the VAE stays out of this encoder's parameters
         self.decode_chunk_size = decode_chunk_size
         import transformers
@@ -190,6 +201,34 @@ class DinoFeatures(_ViTImageFeatures):
         keys: Sequence[str] = DINO_KEYS,
         chunk_size: int | None = 1,
         decode_chunk_size: int | None = 1,
+    ) -> None:
+        super().__init__(generator, checkpoint_path, keys, chunk_size, decode_chunk_size)
+
+    def hidden_states(self, pixels: Tensor) -> tuple[Tensor, ...]:
+        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+
+
+class CLIPImageFeatures(_ViTImageFeatures):
+    """VAE decode + the vision tower of a CLIP model (`CLIPVisionModel` from a local CLIP folder): decoded pixels
+    through an image encoder where no DINOv2 is at hand, as in the miniature world, whose CLIP reward folder holds
+    one. Keys and maps as DinoFeatures ("layer{L}_patch_mean", "layer{L}_patch_std", "layer{L}_cls"). Deterministic.
+
+    Args:
+        generator: one-step generator whose VAE decodes the latents.
+        checkpoint_path: a CLIP model folder (config.json, weights, preprocessor_config.json).
+        keys: feature keys (no default: the depths depend on the model).
+        chunk_size: ViT batch size; decode_chunk_size: VAE batch size.
+    """
+
+    model_class_name = "CLIPVisionModel"
+
+    def __init__(
+        self,
+        generator: OneStepGenerator,
+        checkpoint_path: str | Path,
+        keys: Sequence[str],
+        chunk_size: int | None = None,
+        decode_chunk_size: int | None = None,
     ) -> None:
         super().__init__(generator, checkpoint_path, keys, chunk_size, decode_chunk_size)
 

@@ -59,6 +59,7 @@ class DrPOSettings:
     aggregation: str
     rollout_rounds: int
     reference_l2_weight: float
+    feature_l2_weight: float
     objective: str
     awr: AWRSettings
 
@@ -149,7 +150,7 @@ class DrPO(Method):
         return self._objective(latents, generated, reference, cond, pos, negatives), logs
 
     def _objective(self, latents, generated, reference, cond, positives, negatives) -> torch.Tensor:
-        """Preference + λ·reference drift over the feature keys (+ the optional latent L2 to the base).
+        """Preference + λ·reference drift over the feature keys (+ the optional latent and feature L2 to the base).
 
         generated: features of ``latents`` with gradient, {key: (S, T, D)}; positives: indices into them;
         negatives: detached features {key: (M, T, D)}; reference: the base's latents for the same noises.
@@ -157,16 +158,19 @@ class DrPO(Method):
         s, measure = self.settings, self.measure
         preferred = len(positives) > 0  # else every anchor tied: the reference terms alone
         reference_features = None
-        if s.reference_loss_weight:
+        if s.reference_loss_weight or s.feature_l2_weight:
             with measure("features"), torch.no_grad():
                 reference_features = self.features(reference.float(), cond=cond)
         with measure("loss"):
             loss = latents.sum() * 0.0
             if preferred or s.reference_loss_weight:
-                loss = preference_loss(s, generated, reference_features, positives if preferred else None,
-                                       negatives if preferred else None)
+                loss = preference_loss(s, generated, reference_features if s.reference_loss_weight else None,
+                                       positives if preferred else None, negatives if preferred else None)
             if s.reference_l2_weight:
                 loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
+            if s.feature_l2_weight:
+                loss = loss + s.feature_l2_weight * sum(F.mse_loss(generated[key], reference_features[key])
+                                                        for key in generated)
         return loss
 
     def _reward_weighted_loss(self, latents, reference, cond, scores) -> tuple[torch.Tensor, dict[str, float]]:

@@ -253,7 +253,7 @@ def test_bad_keys_and_patch_sizes(mae_ckpt):
 
 
 def test_registry(mae_ckpt):
-    assert set(FEATURE_ENCODERS) == {"latent_mae", "teacher_unet", "vit_mae", "dino", "raw_latent"}
+    assert set(FEATURE_ENCODERS) == {"latent_mae", "teacher_unet", "vit_mae", "dino", "clip_image", "raw_latent"}
     assert isinstance(build_feature_encoder("latent_mae", checkpoint_path=mae_ckpt[0]), LatentMAEFeatures)
     assert build_feature_encoder("raw_latent", keys=("latent_mean",)).keys == ("latent_mean",)
     with pytest.raises(ValueError, match=r"unknown feature encoder 'clip'.*'latent_mae'"):

@@ -19,11 +19,11 @@ from transformers import (
 from drpo.features import FEATURE_ENCODERS, build_feature_encoder
 from drpo.features.raw_latent import RawLatentFeatures
 from drpo.features.teacher_unet import TEACHER_LAYERS, TeacherUNetFeatures
-from drpo.features.vit import DINO_KEYS, DinoFeatures, ViTMAEFeatures
+from drpo.features.vit import DINO_KEYS, CLIPImageFeatures, DinoFeatures, ViTMAEFeatures
 from drpo.generators import load_generator
 from drpo.images import to_uint8
 from drpo.lora import add_lora
-from drpo.tiny import write_tiny_sd_turbo, write_tiny_sdxl_turbo
+from drpo.tiny import write_tiny_clip, write_tiny_sd_turbo, write_tiny_sdxl_turbo
 
 WORDS = ["a", "red", "blue", "circle", "square"]
 IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -55,6 +55,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "sdxl-turbo": write_tiny_sdxl_turbo(root / "sdxl", **tiny),
         "vit_mae": root / "vit_mae",
         "dino": root / "dino",
+        # a CLIP folder as the miniature's reward is saved (processor_config.json, transformers 5's layout)
+        "clip": write_tiny_clip(root / "clip", words=WORDS, image_size=16, patch_size=4),
     }
 
 
@@ -242,6 +244,19 @@ def test_dino_keys_and_determinism(sd, folders):
         DinoFeatures(sd, folders["dino"])  # the paper's depths 3..12 on a 2-layer model
 
 
+def test_clip_image_features_read_a_clip_folder_and_are_deterministic(sd, folders):
+    keys = ("layer1_patch_mean", "layer1_patch_std", "layer1_cls")
+    feats = CLIPImageFeatures(sd, folders["clip"], keys=keys)
+    assert feats.image_size == (16, 16)
+    x = _latents().requires_grad_(True)
+    a, b = feats(x), feats(x)
+    for k in keys:
+        assert a[k].shape == (3, 1, 32)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    sum(v.sum() for v in a.values()).backward()
+    assert x.grad.abs().sum() > 0  # the generator learns through the decoder and the vision tower
+
+
 # ----------------------------------------------------------------------------------- raw latent, registry
 def test_raw_latent_token_budget():
     x = torch.randn(2, 4, 64, 64)
@@ -253,7 +268,7 @@ def test_raw_latent_token_budget():
 
 
 def test_registry_and_generator_wiring(sd, folders):
-    assert set(FEATURE_ENCODERS) == {"latent_mae", "teacher_unet", "vit_mae", "dino", "raw_latent"}
+    assert set(FEATURE_ENCODERS) == {"latent_mae", "teacher_unet", "vit_mae", "dino", "clip_image", "raw_latent"}
     teacher = build_feature_encoder("teacher_unet", generator=sd, keys=("mid_block",))
     assert isinstance(teacher, TeacherUNetFeatures) and teacher.keys == ("mid_block",)
     assert isinstance(build_feature_encoder("raw_latent", generator=sd), RawLatentFeatures)  # generator ignored

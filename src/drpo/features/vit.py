@@ -88,6 +88,7 @@ class _ViTImageFeatures(FeatureEncoder):
         path = Path(checkpoint_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{type(self).__name__}: model folder {path} lacks config.json")
+        self.image_size, mean, std = _processor_settings(path)  # before the model: a wrong folder fails here
         self.generator = generator  # not an nn.Module: the VAE stays out of this encoder's parameters
         self.decode_chunk_size = decode_chunk_size
         import transformers
@@ -95,7 +96,6 @@ class _ViTImageFeatures(FeatureEncoder):
         model_class = getattr(transformers, self.model_class_name)
         self.model = model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         self.model.eval().requires_grad_(False)
-        self.image_size, mean, std = _processor_settings(path)
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._check_keys()

@@ -16,6 +16,8 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/cost.smk"
+include: "workflow/rules/ablations.smk"
+include: "workflow/rules/tables.smk"
 
 
 rule all:

@@ -127,3 +127,34 @@ def test_the_cost_measurement_waits_for_the_models_being_built(tmp_path):
     labels = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)', result.stdout, flags=re.M))
     edges = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", result.stdout, flags=re.M)}
     assert {("miniature_generator", "cost_measured"), ("miniature_mae", "cost_measured")} <= edges
+
+
+def test_the_ablations_share_the_default_recipe_and_the_tables_target_runs_nothing_else(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
+    presets = [REPO / "config.yaml", REPO / "configs" / "ablations.yaml", override]
+    result = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1", "ablations", "--configfile", *map(str, presets)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _job_counts(result.stdout)
+    studies = yaml.safe_load((REPO / "configs" / "ablations.yaml").read_text())["ablations"]["studies"]
+    variants = sum(len(study["variants"]) for study in studies.values())
+    # One variant a study has the default recipe's settings: it trains no run of its own, and the default run's
+    # three seeds and the base are judged once for every study.
+    assert jobs["ablation_train"] == jobs["ablation_evaluate"] == (variants - len(studies)) * 3
+    assert jobs["train"] == 3 and jobs["ablation_evaluate_default_recipe"] == 4
+    assert jobs["ablation_table"] == len(studies) and jobs["paper_vs_ours"] == 1
+
+    result = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1", "tables", "--configfile", *map(str, presets)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _job_counts(result.stdout) == {"tables": 1, "total": 1}
+
+
+def test_the_ablations_target_without_studies_says_where_they_are(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
+    result = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1", "ablations", "--configfile", str(override)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--configfile configs/ablations.yaml" in result.stdout + result.stderr

@@ -11,6 +11,7 @@ the tests both go through :func:`validate_config`.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    """The parsed schema (read once: every ablation variant is validated too; never modified)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
 class ConfigError(ValueError):
@@ -43,14 +50,15 @@ def _location(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Check ``config`` against the schema and the cross-field rules; return it.
+def validate_config(config: dict[str, Any], *, variants: bool = True) -> dict[str, Any]:
+    """Check ``config`` against the schema and the cross-field rules, and (``variants``) the config of every
+    ablation variant; return it.
 
     ``snakemake --config drpo='{reference_loss_weight: 0.5}'`` merges the nested key but leaves its value a string:
     a string where the schema wants no string is read as YAML, in place. Raises :class:`ConfigError` listing every
     problem as ``<key path>: <reason>``.
     """
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = _schema()
     # A whole section given as a string would replace config.yaml's section instead of merging into it.
     replaced = [f"  {key}: got the string {value!r} for a whole section; set keys inside it as "
                 f"--config {key}='{{key: value}}' or in a small YAML file passed with --configfile"
@@ -65,7 +73,24 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     _check_consistency(config)
     _check_names(config)
+    if variants:
+        _check_ablation_variants(config)
     return config
+
+
+def _check_ablation_variants(config: dict[str, Any]) -> None:
+    """Every ablation variant merged over ``config`` is itself a valid config, so that a typo in a variant fails
+    when the config is read, not in its training job."""
+    problems = []
+    for study, variant in variants(config):
+        try:
+            validate_config(variant_config(config, study, variant), variants=False)
+        except ConfigError as error:
+            reasons = str(error).removeprefix("invalid configuration:\n")
+            problems.append(f"  ablations.studies.{study}.variants.{variant} gives an invalid config:\n"
+                            + "\n".join("  " + line for line in reasons.splitlines()))
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
 
 
 def _read_command_line_strings(value: Any, node: dict, schema: dict) -> Any:
@@ -139,6 +164,10 @@ def _check_consistency(config: dict[str, Any]) -> None:
     if config["world"]["enabled"] and (config["prompts"]["train"] or config["prompts"]["test"]):
         problems.append("prompts.train / prompts.test are set, but world.enabled is true and the miniature world's "
                         "splits would be used instead: set world.enabled: false to train on prompt files")
+    label = config["evaluate"]["diversity_from"]
+    if label is not None and config["evaluate"]["rewards"].get(label) is None:
+        problems.append(f"evaluate.diversity_from ({label!r}) names no reward of evaluate.rewards "
+                        f"({[name for name, spec in config['evaluate']['rewards'].items() if spec is not None]})")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -166,6 +195,32 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# ----------------------------------------------------------------------------------- ablation variants
+# The method every ablation study trains: the default recipe's.
+ABLATION_METHOD = "drpo"
+
+
+def variant_config(config: dict[str, Any], study: str, variant: str) -> dict[str, Any]:
+    """The workflow config of one variant: its fragment merged over ``config``, training DrPO on the ablations'
+    seeds, and judged with the ablations' evaluation settings."""
+    ablations = config["ablations"]
+    override = ablations["studies"][study]["variants"][variant]
+    return shared_config(merge(config, override))
+
+
+def shared_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as the ablations train and judge it: DrPO on the ablations' seeds, judged with the ablations'
+    evaluation settings merged over `evaluate` (the default recipe's runs are judged again with this config)."""
+    ablations = config["ablations"]
+    return merge(config, {"train": {"methods": [ABLATION_METHOD], "seeds": ablations["seeds"]},
+                          "evaluate": ablations["evaluate"]})
+
+
+def variants(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (study, variant) of the config, in the config's order."""
+    return [(study, variant) for study, spec in config["ablations"]["studies"].items() for variant in spec["variants"]]
 
 
 def checkpoint_steps(steps: int, every: int) -> list[int]:

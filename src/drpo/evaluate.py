@@ -76,7 +76,7 @@ def sample_images(generator, prompts: list[str], seeds: list[int], *, batch_size
 @torch.no_grad()
 def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], seeds: list[int], *,
                   batch_size: int, world_spec=None, images_dir: str | Path | None = None,
-                  held_out: dict | None = None,
+                  held_out: dict | None = None, diversity_from: str | None = None,
                   prompt_indices: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode and score latents from :func:`sample_latents`.
 
@@ -84,12 +84,18 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
     or {"prompt": ...} at paper scale); ``world_spec`` enables the GenEval-lite detector;
     ``held_out`` maps labels to further rewards scored on the same images (column reward_<label>);
     ``prompt_indices`` are the rows' indices in their split (tables and sample folders use them).
-    Diversity is measured in the image embeddings of the target reward or, for a target without them (the
-    detector), of the first held-out reward that has them; it is NaN when no reward has any.
+    Diversity is measured in the image embeddings of the held-out reward labelled ``diversity_from`` or, without
+    one, of the target reward or, for a target without them (the detector), of the first held-out reward that has
+    them; it is NaN when no reward has any.
     """
     indices = list(range(len(rows))) if prompt_indices is None else list(prompt_indices)
     held_out = held_out or {}
-    embedder = next((r for r in (reward, *held_out.values()) if hasattr(r, "embed_images")), None)
+    if diversity_from is not None:
+        embedder = held_out[diversity_from]
+        if not hasattr(embedder, "embed_images"):
+            raise ValueError(f"evaluate.diversity_from: the reward {diversity_from!r} has no image embeddings")
+    else:
+        embedder = next((r for r in (reward, *held_out.values()) if hasattr(r, "embed_images")), None)
     from drpo.world.detect import judge_image
 
     n_seeds = len(seeds)

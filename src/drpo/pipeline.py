@@ -159,7 +159,8 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
                                  batch_size=evaluation["batch_size"], adapters=adapters, prompt_indices=indices)
         image_table, prompt_table = score_latents(
             generator, reward, latents, group_rows, list(seeds), batch_size=evaluation["batch_size"],
-            world_spec=world_spec(config), images_dir=images_dir, held_out=held_out, prompt_indices=indices)
+            world_spec=world_spec(config), images_dir=images_dir, held_out=held_out,
+            diversity_from=evaluation["diversity_from"], prompt_indices=indices)
         images.append(image_table)
         prompts.append(prompt_table)
     per_image = pd.concat(images).sort_values(["prompt_index", "seed"], ignore_index=True)

@@ -93,20 +93,54 @@ def write_tables(steps: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
     table.to_parquet(out_dir / "summary.parquet", index=False)
     table.to_csv(out_dir / "summary.csv", index=False, float_format="%.4f")
     (out_dir / "summary.md").write_text(markdown_table(table))
+    header, rows = summary_cells(table)
+    (out_dir / "summary.html").write_text(html(header, rows, "Final results: base and each method's last checkpoint",
+                                               "mean ± std over training seeds; rewards ×100, GenEval-lite in %"))
     return table
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title><style>
+body {{ font-family: sans-serif; font-size: 13px; margin: 12px; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; white-space: nowrap; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+</style></head><body><h3>{title}</h3><p>{note}</p>{table}</body></html>
+"""
+
+
+def html(header: list[str], rows: list[list[str]], title: str, note: str = "") -> str:
+    """A table of string cells as a standalone HTML page: the HTML report shows HTML inline, but not CSV."""
+    from html import escape
+
+    table = pd.DataFrame(rows, columns=header).to_html(index=False, border=0)
+    return HTML_PAGE.format(title=escape(title), note=escape(note), table=table)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of string cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(row: pd.Series, metric: str) -> str:
+    """A "mean ± std" cell (std over training seeds), diversity with four digits."""
+    digits = 4 if metric == "diversity" else 2
+    return f"{row[metric]:.{digits}f} ± {row[metric + '_std']:.{digits}f}"
+
+
+def summary_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The summary's header and rows of string cells, metrics as mean ± std."""
+    metrics = metric_columns(table)
+    header = ["method", "steps", "reward grad.", "seeds", *[metric_label(m) for m in metrics]]
+    return header, [[row["method"], str(row["steps"]), row["uses_reward_grad"], str(row["seeds"]),
+                     *[mean_std(row, m) for m in metrics]] for _, row in table.iterrows()]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The summary as a Markdown table with mean ± std cells."""
-    metrics = metric_columns(table)
-    header = ["method", "steps", "reward grad.", "seeds", *[metric_label(m) for m in metrics]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [row["method"], str(row["steps"]), row["uses_reward_grad"], str(row["seeds"])]
-        cells += [f"{row[m]:.2f} ± {row[m + '_std']:.2f}" if m != "diversity"
-                  else f"{row[m]:.4f} ± {row[m + '_std']:.4f}" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown(*summary_cells(table))
 
 
 def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path, columns: int | None = None) -> None:

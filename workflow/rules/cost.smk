@@ -50,8 +50,11 @@ rule cost_report:
         measured=rules.cost_measured.output[0],
         gpu=cost_gpu_profiles(),
     output:
-        table=report(f"{R}/cost/cost_table.csv", category="Compute cost", caption="../report/cost.rst"),
+        table=f"{R}/cost/cost_table.csv",
+        table_html=report(f"{R}/cost/cost_table.html", category="Compute cost", caption="../report/cost.rst"),
         figure=report(f"{R}/cost/cost_components.png", category="Compute cost", caption="../report/cost.rst"),
+    params:
+        caption=caption_facts([]),
     log:
         f"{R}/logs/cost_report.log",
     message:

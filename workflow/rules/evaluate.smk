@@ -2,14 +2,8 @@
 
 
 def evaluate_inputs(wildcards):
-    inputs = dict(model_inputs(), prompts=test_prompts())
-    # Scorers that only evaluation reads: the held-out one, and the CLIP reward when the target is the detector.
-    for label in config["evaluate"]["rewards"]:
-        if path := eval_reward_path(label):
-            inputs[f"reward_{label}"] = path + "/config.json"
-    if wildcards.method != "base":
-        inputs["done"] = RUN.format(method=wildcards.method, seed=wildcards.seed) + "/train_done.json"
-    return inputs
+    done = None if wildcards.method == "base" else RUN.format(**wildcards) + "/train_done.json"
+    return evaluation_inputs(config, done)
 
 
 rule evaluate:

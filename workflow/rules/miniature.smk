@@ -54,7 +54,7 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["features"]["checkpoi
 # evaluate.rewards.pickscore.
 REWARD_PATH = None
 if config["world"]["enabled"]:
-    REWARD_PATH = config["models"]["reward"].get("path") or eval_reward_path("pickscore")
+    REWARD_PATH = config["models"]["reward"].get("path") or eval_reward_path(config, "pickscore")
 if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
 
     rule miniature_reward:
@@ -74,7 +74,7 @@ if REWARD_PATH and build_rule_wanted(REWARD_PATH + "/config.json"):
 # in common.smk), not at a folder derived from the generator's as AUTOENCODER is: the rule's output is then
 # the very file the evaluate rule depends on (model_inputs) wherever a config puts it, and there is no rule
 # when no held-out scorer is configured (paper presets: heldout: null).
-HELDOUT_REWARD = eval_reward_path("heldout")
+HELDOUT_REWARD = eval_reward_path(config, "heldout")
 
 if HELDOUT_REWARD and build_rule_wanted(HELDOUT_REWARD + "/config.json"):
 

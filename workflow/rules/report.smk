@@ -1,16 +1,20 @@
-# Tables and figures, regenerated from evaluation summaries alone (no retraining).
+# Tables and figures, regenerated from evaluation summaries alone (no retraining). In the HTML report
+# (`snakemake --report report.html`), a run of DrPO alone is "Main results", one with baselines "Baselines".
+MAIN_CATEGORY = "Baselines" if set(config["train"]["methods"]) - {"drpo"} else "Main results"
 
 
 def report_outputs():
     outputs = {
-        "table": report(f"{R}/tables/summary.csv", category="Tables", caption="../report/summary.rst"),
+        # The report shows the table's HTML page; CSV is for tools.
+        "table": f"{R}/tables/summary.csv",
+        "table_html": report(f"{R}/tables/summary.html", category=MAIN_CATEGORY, caption="../report/summary.rst"),
         "steps": f"{R}/tables/steps.csv",
-        "reward": report(f"{R}/figures/reward_vs_step.png", category="Figures", caption="../report/curves.rst"),
+        "reward": report(f"{R}/figures/reward_vs_step.png", category=MAIN_CATEGORY, caption="../report/curves.rst"),
     }
     if config["world"]["enabled"]:  # GenEval-lite tasks exist only in the miniature world
-        outputs["geneval"] = report(f"{R}/figures/geneval_vs_step.png", category="Figures",
+        outputs["geneval"] = report(f"{R}/figures/geneval_vs_step.png", category=MAIN_CATEGORY,
                                     caption="../report/curves.rst")
-        outputs["tasks"] = report(f"{R}/figures/geneval_tasks.png", category="Figures",
+        outputs["tasks"] = report(f"{R}/figures/geneval_tasks.png", category=MAIN_CATEGORY,
                                   caption="../report/tasks.rst")
     return outputs
 
@@ -22,6 +26,8 @@ rule report:
         **report_outputs(),
     log:
         f"{R}/logs/report.log",
+    params:
+        caption=caption_facts(config["train"]["seeds"]),
     message:
         "Writing the results tables and curves"
     script:
@@ -34,12 +40,13 @@ rule grid:
         prompts=test_prompts(),
         done=RUN.replace("{seed}", "{grid_seed}") + "/train_done.json",
     output:
-        report(f"{R}/figures/grid_base_vs_{{method}}_seed{{grid_seed}}.png", category="Figures",
+        report(f"{R}/figures/grid_base_vs_{{method}}_seed{{grid_seed}}.png", category=MAIN_CATEGORY,
                caption="../report/grid.rst"),
     log:
         f"{R}/logs/grid_{{method}}_seed{{grid_seed}}.log",
     params:
         config=sections("device", "models", "report", "evaluate"),
+        caption=caption_facts(config["train"]["seeds"]),
     message:
         "Drawing base vs {wildcards.method} images for the same prompts and seeds"
     resources:

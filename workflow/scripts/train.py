@@ -1,4 +1,5 @@
-"""Train one run in this process, or under `accelerate launch` when train.processes > 1."""
+"""Train one run in this process, or under `accelerate launch` when train.processes > 1; an ablation variant's run
+(params.variant: study and variant) with that variant's config."""
 
 import signal
 import subprocess
@@ -9,10 +10,13 @@ import yaml
 from _job import start
 
 start(snakemake)
+from drpo.config import variant_config
 from drpo.pipeline import run_training
 from drpo.processes import child_ends_with_parent
 
 config, w = snakemake.config, snakemake.wildcards
+if variant := getattr(snakemake.params, "variant", None):
+    config = variant_config(config, *variant)
 run_dir = Path(snakemake.output.done).parent
 bank = snakemake.input.get("bank")
 processes = config["train"]["processes"]

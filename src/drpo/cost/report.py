@@ -26,6 +26,7 @@ from drpo.cost.flops import Models, UpdateShape, analytic_table, count, update_f
 from drpo.cost.profile import device_name, profile_updates, summarize  # noqa: E402
 from drpo.methods.base import COMPONENTS, settings_from_section  # noqa: E402
 from drpo.methods.drpo import DrPOSettings  # noqa: E402
+from drpo.report import html  # noqa: E402
 
 # Spec section 6 (website table "Efficiency comparison on HPSv3"): SD-Turbo, HPSv3, 4 processes x 2 x 24 = 192
 # candidates per update; DRaFT with the reward checkpointed; seconds per update, averaged over 20 updates.
@@ -119,11 +120,15 @@ def plot_components(table: pd.DataFrame, out: str | Path) -> None:
 
 def write_report(analytic_csv: str | Path | None, profile_csvs: Sequence[str | Path], table_out: str | Path,
                  figure_out: str | Path) -> pd.DataFrame:
-    """Read the analytic and measured CSVs, write the table (CSV) and the figure (PNG); return the table."""
+    """Read the analytic and measured CSVs, write the table (CSV, and HTML next to it) and the figure (PNG); return
+    the table."""
     analytic = pd.read_csv(analytic_csv) if analytic_csv else None
     table = cost_table(analytic, [pd.read_csv(path) for path in profile_csvs])
     Path(table_out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(table_out, index=False)
+    cells = table.round(4).astype(str).replace({"nan": ""})
+    Path(table_out).with_suffix(".html").write_text(html(list(table.columns), cells.values.tolist(),
+                                                         "Cost of one DrPO and one DRaFT update, per component"))
     plot_components(table, figure_out)
     return table
 

@@ -1,0 +1,40 @@
+"""Every table and figure again from the results on disk (the workflow's ``tables`` target), without training or
+evaluating anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drpo.ablations import write_study
+from drpo.cost.report import write_report
+from drpo.paper import write_comparison
+from drpo.pipeline import make_report
+
+
+def rebuild_tables(main: dict, studies: dict, cost: dict, paper_vs_ours: str, setting: str, log=print) -> None:
+    """Every table and figure again from the results on disk (the ``tables`` rule): the main table and curves from
+    the evaluation summaries that exist (``main``: their paths and make_report's outputs), each ablation study's
+    from its summaries (``studies``: spec, (label, path) pairs and outputs), the cost report from its
+    measurements, and the paper-vs-ours table. A part with none of its inputs on disk is skipped and said so."""
+
+    def existing(paths):
+        found = [path for path in paths if Path(path).exists()]
+        if len(found) < len(paths):
+            log(f"  {len(paths) - len(found)} of {len(paths)} missing, e.g. {next(p for p in paths if p not in found)}")
+        return found
+
+    log("main table and curves:")
+    if summaries := existing(main["summaries"]):
+        make_report(summaries, Path(main["table"]).parent, main["reward"], main.get("geneval"), main.get("tasks"))
+    for study, parts in studies.items():
+        log(f"ablation {study}:")
+        found = set(existing([path for _, path in parts["summaries"]]))
+        pairs = [(label, path) for label, path in parts["summaries"] if path in found]
+        if any(label != "base" for label, _ in pairs):
+            write_study(pairs, parts["spec"], parts["table"], parts["markdown"], parts["html"], parts["figure"])
+    log("compute cost:")
+    measured = existing(cost["measured"])
+    if existing([cost["analytic"]]) and measured:
+        write_report(cost["analytic"], measured, cost["table"], cost["figure"])
+    log("paper vs ours:")
+    write_comparison(Path(paper_vs_ours).parent, setting, paper_vs_ours)

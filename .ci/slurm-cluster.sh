@@ -141,6 +141,8 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 SchedulerType=sched/backfill
+# Look at pending jobs every 5 s (default 60 s): a requeued job becomes eligible without an event to trigger it.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without it a job that asks no memory is given the whole node.

@@ -59,7 +59,7 @@ def _sbatch_of_train(tmp_path, device):
          "--workflow-profile", str(REPO / "profiles" / "slurm"),
          "--configfile", str(REPO / "configs" / "sd-turbo.yaml"), str(override),
          "--retries", "0", "--slurm-init-seconds-before-status-checks", "1", "--slurm-logdir", str(tmp_path / "logs"),
-         str(target)],
+         "--nolock", str(target)],  # no lock: a run of the workflow in this checkout may be going on
         capture_output=True, text=True, timeout=300, env=env)
     assert log.exists(), result.stdout[-3000:] + result.stderr[-3000:]
     calls = log.read_text().splitlines()

@@ -80,10 +80,12 @@ stop_daemon() {
     rm -f "$(pidfile "$name")"
 }
 
-# Start a daemon in the foreground mode of its own, as a simple command so that $! is the daemon itself.
+# Start a daemon in its foreground mode, as a simple command so that $! is the daemon itself, in a session of its
+# own: a Ctrl-C or a signal to the caller's process group must not reach it before its jobs are cancelled. (This
+# script runs without job control, so the child is no group leader and setsid does not fork.)
 start_daemon() {
     local name=$1; shift
-    nohup "$@" > "$BASE/logs/$name.out" 2>&1 < /dev/null &
+    setsid "$@" > "$BASE/logs/$name.out" 2>&1 < /dev/null &
     echo $! > "$(pidfile "$name")"
 }
 
@@ -92,7 +94,8 @@ wait_for() {
     local name=$1 seconds=$2 i; shift 2
     for i in $(seq 1 $((seconds * 4))); do
         if "$@" >/dev/null 2>&1; then return 0; fi
-        if ! live_pid "$name" >/dev/null; then
+        # The recorded PID itself: for a moment after the start it is still setsid/setpriv, about to exec the daemon.
+        if ! kill -0 "$(cat "$(pidfile "$name")")" 2>/dev/null; then
             say "$name died while starting:"; tail -n 20 "$BASE/logs/$name".* >&2 || true; return 1
         fi
         sleep 0.25

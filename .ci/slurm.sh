@@ -32,10 +32,26 @@ say "packages and plugin ready"
 daemon_pids() { local name; for name in "${DAEMON_NAMES[@]}"; do pgrep -x "$name" || true; done | sort; }
 before=$(daemon_pids)
 watcher=""
+snakemake_pid=""
+# Snakemake under `timeout -s INT -k 30`: a run that hangs is interrupted, cancels its jobs and exits. It runs in
+# the background so that a signal to this script is handled at once (bash runs traps only between commands).
+run_snakemake() {  # log seconds snakemake-arguments...
+    local log=$1 seconds=$2 rc=0; shift 2
+    timeout -s INT -k 30 "$seconds" "${SNAKEMAKE[@]}" "$@" > "$log" 2>&1 &
+    snakemake_pid=$!
+    wait "$snakemake_pid" || rc=$?
+    snakemake_pid=""
+    return $rc
+}
 cleanup() {
-    local rc=$?
+    local rc=$? i
     trap - EXIT INT TERM
     if [ -n "$watcher" ] && kill -0 "$watcher" 2>/dev/null; then kill "$watcher" 2>/dev/null || true; fi
+    if [ -n "$snakemake_pid" ] && kill -0 "$snakemake_pid" 2>/dev/null; then
+        say "interrupting Snakemake, which cancels its jobs"
+        kill -INT "$snakemake_pid" 2>/dev/null || true   # timeout passes it on, and kills 30 s later
+        for i in $(seq 1 250); do kill -0 "$snakemake_pid" 2>/dev/null || break; sleep 0.2; done
+    fi
     $CLUSTER down || rc=1
     local left
     left=$(comm -13 <(echo "$before") <(daemon_pids))
@@ -59,7 +75,7 @@ make -s ci-workflow > "$LOGS/local.log" 2>&1 || { tail -n 30 "$LOGS/local.log"; 
 say "local run of configs/ci.yaml: results/ci (up to date or rerun)"
 t0=$(date +%s)
 rc=0
-timeout -s INT -k 30 900 "${SNAKEMAKE[@]}" --configfile configs/ci.yaml .ci/slurm-ci.yaml > "$LOGS/ci.log" 2>&1 || rc=$?
+run_snakemake "$LOGS/ci.log" 900 --configfile configs/ci.yaml .ci/slurm-ci.yaml || rc=$?
 [ "$rc" = 0 ] || { tail -n 40 "$LOGS/ci.log"; fail "configs/ci.yaml on Slurm (exit $rc, log $LOGS/ci.log)"; }
 say "configs/ci.yaml on Slurm finished in $(( $(date +%s) - t0 )) s"
 
@@ -140,8 +156,7 @@ interrupt() {  # runs beside Snakemake; writes what it did to $LOGS/interrupt.lo
 watcher=$!
 t0=$(date +%s)
 rc=0
-timeout -s INT -k 30 900 "${SNAKEMAKE[@]}" "$RUN_DIR/train_done.json" --configfile configs/ci.yaml .ci/slurm-resume.yaml \
-    > "$LOGS/resume.log" 2>&1 || rc=$?
+run_snakemake "$LOGS/resume.log" 900 "$RUN_DIR/train_done.json" --configfile configs/ci.yaml .ci/slurm-resume.yaml || rc=$?
 for i in $(seq 1 50); do kill -0 "$watcher" 2>/dev/null || break; sleep 0.2; done
 kill "$watcher" 2>/dev/null || true
 wait "$watcher" 2>/dev/null || true

@@ -31,8 +31,9 @@ test: setup
 ci-workflow: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile configs/ci.yaml
 
-# configs/ci.yaml on a single-node Slurm started on this machine (root, Debian); see .ci/slurm.sh.
-ci-slurm: setup-slurm
+# configs/ci.yaml on a single-node Slurm started on this machine (root, Debian), compared with the local run; see
+# .ci/slurm.sh.
+ci-slurm: setup-slurm ci-workflow
 	.ci/slurm.sh
 
 clean:

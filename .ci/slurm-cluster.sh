@@ -74,7 +74,9 @@ stop_daemon() {
     if pid=$(live_pid "$name"); then
         kill -TERM "$pid" 2>/dev/null || true
         for i in $(seq 1 60); do [ -d "/proc/$pid" ] || break; sleep 0.5; done
-        if [ -d "/proc/$pid" ]; then say "$name ($pid) ignored TERM for 30 s: KILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+        if [ -d "/proc/$pid" ]; then
+            say "$name ($pid) ignored TERM for 30 s: KILL"; kill -KILL "$pid" 2>/dev/null || true
+        fi
         say "stopped $name ($pid)"
     fi
     rm -f "$(pidfile "$name")"
@@ -213,8 +215,11 @@ up() {
     chown mysql:mysql "$BASE/logs/mariadbd.log"
     write_configs
 
-    [ -s /etc/munge/munge.key ] || { say "creating /etc/munge/munge.key"; mungekey --create --keyfile=/etc/munge/munge.key; \
-                                    chown munge:munge /etc/munge/munge.key; chmod 600 /etc/munge/munge.key; }
+    if [ ! -s /etc/munge/munge.key ]; then   # the package creates it; only a removed key is made again
+        say "creating /etc/munge/munge.key"
+        mungekey --create --keyfile=/etc/munge/munge.key
+        chown munge:munge /etc/munge/munge.key; chmod 600 /etc/munge/munge.key
+    fi
     mkdir -p /run/munge && chown munge:munge /run/munge
     start_daemon munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground
     wait_for munged 15 sh -c 'munge -n | unmunge'
@@ -257,10 +262,8 @@ down() {
         if [ -n "${jobs// /}" ]; then
             say "cancelling jobs $jobs"
             scancel $jobs 2>/dev/null || true
-            for i in $(seq 1 120); do
-                [ -z "$(squeue -h -t all -o '%i %T' 2>/dev/null | grep -Ev ' (COMPLETED|CANCELLED|FAILED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL|PREEMPTED|BOOT_FAIL|DEADLINE)$')" ] && break
-                sleep 0.5
-            done
+            # squeue lists pending, running and completing jobs by default: wait until none is left.
+            for i in $(seq 1 120); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
         fi
     fi
     for (( i=${#DAEMONS[@]}-1; i>=0; i-- )); do stop_daemon "${DAEMONS[$i]}"; done

@@ -3,29 +3,35 @@
 # (.ci/slurm-cluster.sh), then
 #   1. runs configs/ci.yaml through profiles/slurm, checks that sacct lists every job the run submitted, and that
 #      the tables and evaluation summaries are byte-identical to the local run's (results/ci, `make ci-workflow`);
-#   2. runs one longer training job (.ci/slurm-resume.yaml), requeues it (scontrol requeue) and cancels it
+#   2. runs one more training job (.ci/slurm-resume.yaml), requeues it (scontrol requeue) and cancels it
 #      (scancel) mid-run, and checks that it resumed from its checkpoint each time and that the run finished.
 # The profile is used as it is; the only addition is a first status check after 5 s instead of 20 s, which
 # shortens the test (it is a command-line flag, so it merges with the profile).
-# Where the cluster cannot be set up here (not root, no apt-get, a Slurm configuration of the machine's own,
-# apt-get failing) it prints why and exits 0. DRPO_CI_SLURM=0 skips it. On any exit the trap cancels every job
-# and stops every daemon by its recorded PID. Logs: results/ci-slurm-logs/.
+# First it installs the plugin into .venv and runs tests/test_slurm_profile.py (the profile's sbatch arguments,
+# against a fake sbatch). Where the cluster cannot be set up (not root, no apt-get, a Slurm configuration of the
+# machine's own, apt-get failing) it then prints why and exits 0. DRPO_CI_SLURM=0 skips it all. On any exit the
+# trap interrupts Snakemake, cancels every job and stops every daemon by its recorded PID.
+# Logs: results/ci-slurm-logs/; the daemons': /var/tmp/drpo-slurm/logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 CLUSTER=.ci/slurm-cluster.sh
 LOGS=results/ci-slurm-logs
 SNAKEMAKE=(.venv/bin/snakemake --workflow-profile profiles/slurm --slurm-init-seconds-before-status-checks 5)
-RUN_DIR=results/ci-slurm-resume/runs/drpo/seed0
+RUN_DIR=results/ci-slurm/runs/drpo/seed1
 DAEMON_NAMES=(munged mariadbd slurmdbd slurmctld slurmd slurmstepd)
 
 say() { echo "[slurm-ci $(( $(date +%s) - started ))s] $*"; }
 fail() { say "FAILED: $*" >&2; exit 1; }
 
 if [ "${DRPO_CI_SLURM:-1}" = 0 ]; then say "SKIPPED: DRPO_CI_SLURM=0"; exit 0; fi
-if ! reason=$($CLUSTER check); then say "SKIPPED: cannot run a test Slurm here: $reason"; exit 0; fi
-if ! $CLUSTER install; then say "SKIPPED: the Slurm packages could not be installed (apt-get failed, above)"; exit 0; fi
+# The plugin, and the sbatch arguments it builds from the profile (against a fake sbatch: no cluster needed).
 make -s setup-slurm
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_slurm_profile.py
+if ! reason=$($CLUSTER check); then say "SKIPPED the real Slurm: cannot run one here: $reason"; exit 0; fi
+if ! $CLUSTER install; then
+    say "SKIPPED the real Slurm: its packages could not be installed (apt-get failed, above)"; exit 0
+fi
 say "packages and plugin ready"
 
 # Processes of these names that were there before: the end checks that nothing else is left.
@@ -65,14 +71,18 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-rm -rf "$LOGS" results/ci-slurm results/ci-slurm-resume
+rm -rf "$LOGS" results/ci-slurm
 mkdir -p "$LOGS"
 $CLUSTER up
 up_time=$(date +%Y-%m-%dT%H:%M:%S)
 
 # --- 1. configs/ci.yaml through the profile, compared with the local run ------------------------------------
-make -s ci-workflow > "$LOGS/local.log" 2>&1 || { tail -n 30 "$LOGS/local.log"; fail "the local run of configs/ci.yaml"; }
-say "local run of configs/ci.yaml: results/ci (up to date or rerun)"
+# The local run to compare with: .ci/run and `make ci-slurm` have just made it; made here only when missing.
+if [ ! -f results/ci/tables/summary.csv ]; then
+    make -s ci-workflow > "$LOGS/local.log" 2>&1 \
+        || { tail -n 30 "$LOGS/local.log"; fail "the local run of configs/ci.yaml"; }
+fi
+say "comparing with the local run of configs/ci.yaml in results/ci"
 t0=$(date +%s)
 rc=0
 run_snakemake "$LOGS/ci.log" 900 --configfile configs/ci.yaml .ci/slurm-ci.yaml || rc=$?
@@ -93,7 +103,8 @@ awk -F'|' '$3 != "cpu" {bad=1} END {exit bad}' "$LOGS/sacct-ci.txt" \
 say "sacct lists the $(wc -l < "$LOGS/sacct-ci.txt") submitted jobs, all COMPLETED in partition cpu: $(echo $expected)"
 
 for table in summary steps; do
-    cmp "results/ci/tables/$table.csv" "results/ci-slurm/tables/$table.csv" || fail "tables/$table.csv differs from the local run's"
+    cmp "results/ci/tables/$table.csv" "results/ci-slurm/tables/$table.csv" \
+        || fail "tables/$table.csv differs from the local run's"
 done
 summaries=0
 while read -r summary; do
@@ -107,8 +118,8 @@ say "tables/summary.csv, tables/steps.csv and $summaries evaluation summaries by
 # Peak memory of every job (sacct MaxRSS, sampled each second): the batch step holds the jobstep Snakemake, step 0
 # the rule's Snakemake and its script, side by side; the job needs about their sum.
 sacct -n -P -o JobID,Comment,MaxRSS -S "$up_time" > "$LOGS/sacct-memory.txt"
-awk -F'|' 'function mb(v) {n = v + 0; if (v ~ /K$/) return n / 1024; if (v ~ /M$/) return n; if (v ~ /G$/) return n * 1024;
-                           return n / 1048576}
+awk -F'|' 'function mb(v) {n = v + 0; if (v ~ /K$/) return n / 1024; if (v ~ /M$/) return n;
+                           if (v ~ /G$/) return n * 1024; return n / 1048576}
     $1 !~ /\./ {name[$1] = $2; next}
     {split($1, id, "."); total[id[1]] += mb($3)}
     END {for (j in total) printf "  %-45s %6.0f MB\n", name[j], total[j]}' "$LOGS/sacct-memory.txt" \
@@ -117,7 +128,8 @@ say "peak memory per job (batch + step 0, sacct MaxRSS):"; cat "$LOGS/memory.txt
 
 # --- 2. requeue and cancel a training job mid-run ------------------------------------------------------------
 train_job() {  # "<jobid> <state>" of the training job in Slurm, if any
-    squeue -h -t all -o '%i %T %k' | awk '$3 ~ /^rule_train_/ && $2 !~ /^(COMPLETED|CANCELLED|FAILED|TIMEOUT)$/ {print $1, $2}' | tail -1
+    squeue -h -t all -o '%i %T %k' \
+        | awk '$3 ~ /^rule_train_/ && $2 !~ /^(COMPLETED|CANCELLED|FAILED|TIMEOUT)$/ {print $1, $2}' | tail -1
 }
 checkpoints() { find "$RUN_DIR/checkpoints" -name training_state.json 2>/dev/null | wc -l; }
 wait_until() {  # seconds description command...: poll every 0.2 s
@@ -150,13 +162,15 @@ interrupt() {  # runs beside Snakemake; writes what it did to $LOGS/interrupt.lo
     wait_until 420 "Snakemake to resubmit the cancelled job and the new job to resume" resumed_past "$job" "$step" \
         || return 1
     cp "$RUN_DIR/train.log" "$LOGS/train-after-cancel.log"
-    echo "job $(train_job | cut -d' ' -f1) submitted after the cancel says: $(grep -m1 'resuming from' "$RUN_DIR/train.log")"
+    echo "job $(train_job | cut -d' ' -f1) submitted after the cancel says:" \
+        "$(grep -m1 'resuming from' "$RUN_DIR/train.log")"
 }
 ( interrupt > "$LOGS/interrupt.log" 2>&1; echo $? > "$LOGS/interrupt.rc" ) &
 watcher=$!
 t0=$(date +%s)
 rc=0
-run_snakemake "$LOGS/resume.log" 900 "$RUN_DIR/train_done.json" --configfile configs/ci.yaml .ci/slurm-resume.yaml || rc=$?
+run_snakemake "$LOGS/resume.log" 900 "$RUN_DIR/train_done.json" \
+    --configfile configs/ci.yaml .ci/slurm-ci.yaml .ci/slurm-resume.yaml || rc=$?
 for i in $(seq 1 50); do kill -0 "$watcher" 2>/dev/null || break; sleep 0.2; done
 kill "$watcher" 2>/dev/null || true
 wait "$watcher" 2>/dev/null || true

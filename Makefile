@@ -6,13 +6,20 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CORES  ?= 2
 
-.PHONY: run test ci-workflow setup clean
+.PHONY: run test ci-workflow ci-slurm setup setup-slurm clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# Snakemake's Slurm executor plugin (pinned in pyproject's `slurm` extra), for profiles/slurm.
+setup-slurm: $(VENV)/.installed-slurm
+
+$(VENV)/.installed-slurm: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,slurm]'
 	touch $@
 
 run: setup
@@ -23,6 +30,11 @@ test: setup
 
 ci-workflow: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile configs/ci.yaml
+
+# configs/ci.yaml on a single-node Slurm started on this machine (root, Debian), compared with the local run; see
+# .ci/slurm.sh.
+ci-slurm: setup-slurm ci-workflow
+	.ci/slurm.sh
 
 clean:
 	rm -rf results logs .snakemake

@@ -18,6 +18,7 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/cost.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/resources.smk"  # last: it adjusts the rules above for clusters
 
 
 rule all:

@@ -32,10 +32,12 @@ rule cost_measured:
     params:
         # The measured methods are built from these sections as training builds them.
         config=sections("device", "models", "train", "drpo", "draft", "cost"),
-    # It times this machine: run locally, holding every local core so that no other job of the workflow runs
-    # meanwhile (torch itself uses cost.measured.threads).
+    # It times this machine: run locally, holding every local core (--cores) so that no other job of the workflow
+    # runs meanwhile (torch itself uses cost.measured.threads). Under a cluster executor there is no --cores (other
+    # jobs run on the cluster's nodes, and Snakemake does not count cores for local jobs there): then 1, as
+    # workflow.cores would stop such a run ("Workflow requires a total number of cores").
     localrule: True
-    threads: workflow.cores
+    threads: workflow.resource_settings.cores or 1
     log:
         f"{R}/logs/cost_measured.log",
     message:

@@ -64,9 +64,10 @@ class OfflineDrPO(Method):
             latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
         with measure("features"):
             generated = self.features(latents.float(), cond=cond)
-            with torch.no_grad():
-                positives = self.features(chosen, cond=prompt)
-                negatives = self.features(rejected, cond=prompt)
+            with torch.no_grad():  # one call for both (GroupNorm cannot normalise a lone 1x1 map)
+                data = self.features(torch.cat([chosen, rejected]), cond=prompt)
+        positives = {key: value[: len(chosen)] for key, value in data.items()}
+        negatives = {key: value[len(chosen):] for key, value in data.items()}
         loss = drpo_loss(self, self.shared["drpo"], latents, generated, batch.reference.to(latents.device), cond,
                          positives, negatives)
         return loss, {"chosen": float(len(chosen)), "rejected": float(len(rejected))}

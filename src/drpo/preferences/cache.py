@@ -66,15 +66,19 @@ def build_latent_cache(dataset: str | Path, folder: str | Path, vae, *, resoluti
         log(f"{folder}: {first} rows already encoded, continuing after them")
     encoder = _Encoder(vae, resolution, encode, chunk_rows)
     buffer: list[PreferenceRow] = []
-    try:
-        for row in chain(pending, rows):
-            buffer.append(row)
-            if len(buffer) == chunk_rows:
-                first = _write_chunk(folder, first, buffer, encoder)
-                buffer = []
-    except ValueError:
-        _write_chunk(folder, first, buffer, encoder)  # keep what was read before the bad row
-        raise
+    stream = chain(pending, rows)
+    while True:
+        try:
+            row = next(stream)
+        except StopIteration:
+            break
+        except ValueError:  # a malformed row: keep the rows read before it
+            _write_chunk(folder, first, buffer, encoder)
+            raise
+        buffer.append(row)
+        if len(buffer) == chunk_rows:
+            first = _write_chunk(folder, first, buffer, encoder)
+            buffer = []
     first = _write_chunk(folder, first, buffer, encoder)
     if first == 0:
         raise ValueError(f"{dataset} has no preference rows ({stats.ties} ties skipped)")

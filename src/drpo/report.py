@@ -172,7 +172,8 @@ def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path, colum
         for method, group in curves.groupby("method"):
             stats = group.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
             n_seeds = group["seed"].nunique()
-            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=f"{method} ({n_seeds} seeds)")
+            data = ", preference dataset" if preference_data(method) == "preference dataset" else ""
+            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=f"{method} ({n_seeds} seeds{data})")
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
         ax.set_xlabel("update step")
         ax.set_ylabel(metric_label(metric))

@@ -50,6 +50,8 @@ def build_latent_cache(dataset: str | Path, folder: str | Path, vae, *, resoluti
     """
     if encode not in ENCODINGS:
         raise ValueError(f"unknown latent encoding {encode!r}; valid: {', '.join(ENCODINGS)}")
+    stats = ReadStats()
+    rows: Iterator[PreferenceRow] = iter(read_preferences(dataset, format, stats))  # a missing dataset fails here
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / DONE_FILE).unlink(missing_ok=True)
@@ -57,8 +59,6 @@ def build_latent_cache(dataset: str | Path, folder: str | Path, vae, *, resoluti
                 "encode": encode, "resolution": resolution, "model": model or {},
                 "vae": json.loads(json.dumps(dict(vae.config), default=str))}
     _claim(folder, identity, log)
-    stats = ReadStats()
-    rows: Iterator[PreferenceRow] = iter(read_preferences(dataset, format, stats))
     if max_rows is not None:
         rows = islice(rows, max_rows)
     first, pending = _keep_matching(folder, rows, log)
@@ -208,7 +208,11 @@ def _write_chunk(folder: Path, first: int, rows: list[PreferenceRow], encoder: _
 
 
 def _digest(folder: Path) -> str:
-    return hashlib.sha256((folder / INDEX_FILE).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with (folder / INDEX_FILE).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class LatentCache:

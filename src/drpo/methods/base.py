@@ -92,9 +92,12 @@ class Method(ABC):
     def from_config(cls, generator, reward, features, config: dict) -> Method:
         """Build the method from the validated workflow config (its own section ``config[name]``, and the sections
         of ``shared_settings``)."""
+        settings = settings_from_section(cls.settings_class, config[cls.name])
+        if not cls.shared_settings:  # (methods that take their own constructor arguments know nothing of shared)
+            return cls(generator, reward, settings, features)
         shared = {section: settings_from_section(klass, config[section])
                   for section, klass in cls.shared_settings.items()}
-        return cls(generator, reward, settings_from_section(cls.settings_class, config[cls.name]), features, shared)
+        return cls(generator, reward, settings, features, shared=shared)
 
     @classmethod
     def config_problems(cls, config: dict) -> list[str]:

@@ -6,8 +6,12 @@ scratch folder; the preset itself is used unchanged except for paths and budgets
 Black-box rewards (HPSv2, ImageReward) are replaced by the reference worker, since their environments
 need the real packages.
 
+With ``--offline`` the preset switches to its offline mode as a user would, by naming a preference dataset: a tiny
+Pick-a-Pic v2 folder of Parquet shards (stand-in JPEGs, one tie) trains the offline method next to DrPO.
+
     python scripts/paper_preset_smoke.py --preset sd-turbo --out /tmp/smoke-sd
     python scripts/paper_preset_smoke.py --preset sdxl-turbo --out /tmp/smoke-sdxl
+    python scripts/paper_preset_smoke.py --preset sd-turbo --offline --out /tmp/smoke-sd-offline
 """
 
 from __future__ import annotations
@@ -52,6 +56,31 @@ def write_stand_ins(root: Path, preset: str) -> dict:
             "head": str(head)}
 
 
+def write_pickapic_stand_in(folder: Path) -> Path:
+    """A Pick-a-Pic v2 shard of the stand-in prompts: random JPEGs larger than the generator's images, one pair per
+    prompt and one tie."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def jpeg() -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    labels = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    rows = [{"caption": prompt, "jpg_0": jpeg(), "jpg_1": jpeg(), "label_0": a, "label_1": b, "user_id": i}
+            for i, (prompt, (a, b)) in enumerate(zip(PROMPTS, labels))]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
+    return folder
+
+
 def override(root: Path, files: dict, preset: str) -> dict:
     from drpo.rewards.worker import WORKERS_DIR
 
@@ -90,11 +119,17 @@ def main() -> None:
     parser.add_argument("--preset", choices=["sd-turbo", "sdxl-turbo"], required=True)
     parser.add_argument("--out", required=True, help="scratch folder for stand-ins and results")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--offline", action="store_true",
+                        help="name a Pick-a-Pic stand-in dataset and train the offline method next to DrPO")
     args = parser.parse_args()
     root = Path(args.out).resolve()
     files = write_stand_ins(root, args.preset)
+    settings = override(root, files, args.preset)
+    if args.offline:
+        settings["preferences"] = {"path": str(write_pickapic_stand_in(root / "pickapic"))}
+        settings["train"]["methods"] = ["drpo", "offline"]
     override_file = root / "override.yaml"
-    override_file.write_text(yaml.safe_dump(override(root, files, args.preset), sort_keys=False))
+    override_file.write_text(yaml.safe_dump(settings, sort_keys=False))
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
                "--cores", str(args.cores), "--configfile", str(REPO / "configs" / f"{args.preset}.yaml"),
                str(override_file)]

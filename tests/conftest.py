@@ -48,6 +48,7 @@ def tiny_config(tiny_models, tmp_path) -> dict:
         # The paper's lambda, so that every DrPO test also runs the reference drift (the default's is 0), and
         # the tiny reward as the only CLIP scorer besides the held-out one.
         "drpo": {"num_pos": 2, "num_neg": 2, "reference_loss_weight": 0.2},
+        "offline_distance": {"num_pos": 2, "num_neg": 2},
         "evaluate": {"seeds": [1, 2], "batch_size": 8, "rewards": {"pickscore": None}},
     }
     return load_config(repo / "config.yaml", overrides=overrides)

@@ -62,3 +62,16 @@ def test_write_tables_and_curves(summaries, tmp_path):
 def test_collect_refuses_an_empty_list():
     with pytest.raises(ValueError, match="no evaluation summaries"):
         collect([])
+
+
+def test_a_table_with_offline_methods_says_where_each_methods_preferences_come_from(summaries, tmp_path):
+    steps = collect(summaries)
+    assert "data" not in final_table(steps)  # online methods only: the table keeps its columns
+    offline = pd.DataFrame([_summary("offline", 0, 10, 51.0, 40.0), _summary("dpo_offline", 0, 10, 49.0, 39.0)])
+    table = final_table(pd.concat([steps, offline], ignore_index=True)).set_index("method")
+    assert list(table.index) == ["base", "drpo", "dpo_offline", "offline", "draft"]
+    assert table["data"].to_dict() == {"base": "-", "drpo": "online ranking", "dpo_offline": "preference dataset",
+                                       "offline": "preference dataset", "draft": "online ranking"}
+    lines = markdown_table(table.reset_index()).splitlines()
+    assert lines[0].startswith("| method | steps | reward grad. | data | seeds |")
+    assert lines[5].startswith("| offline | 10 | no | preference dataset | 1 |")

@@ -158,3 +158,42 @@ def test_the_ablations_target_without_studies_says_where_they_are(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "--configfile configs/ablations.yaml" in result.stdout + result.stderr
+
+
+def test_the_offline_preset_trains_every_offline_method_next_to_online_drpo_as_the_comparison(tmp_path):
+    from drpo.config import load_config
+
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", REPO / "configs" / "offline.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    offline = load_config(REPO / "config.yaml", REPO / "configs" / "offline.yaml")
+    train = offline["train"]
+    assert set(train["methods"]) == {"drpo", "offline", "offline_distance", "dpo_offline"} and len(train["seeds"]) == 3
+    jobs = _job_counts(result.stdout)
+    checkpoints = train["steps"] // train["checkpoint_every"]
+    assert jobs["train"] == 12 and jobs["evaluate"] == 1 + 12 * checkpoints
+    assert jobs["world_preferences_pickapic"] == 1 and jobs["preference_latents"] == 1
+    assert "world_preferences_jsonl" not in jobs and "reference_bank" not in jobs
+    # Everything but the methods and the dataset as in the main comparison, so that its rows compare with it.
+    compare = load_config(REPO / "config.yaml", REPO / "configs" / "compare.yaml")
+    for section in ("models", "world", "drpo", "evaluate", "report"):
+        assert offline[section] == compare[section], section
+    assert {k: v for k, v in train.items() if k != "methods"} == {
+        k: v for k, v in compare["train"].items() if k != "methods"}
+
+
+def test_the_sd_turbo_preset_switches_to_an_offline_mode_by_naming_a_dataset(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.txt").write_text("a photo of a cat\n")
+    (tmp_path / "pickapic").mkdir()
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({
+        "results_dir": str(tmp_path / "results"),
+        "prompts": {"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")},
+        "train": {"methods": ["offline"]}, "preferences": {"path": str(tmp_path / "pickapic")}}))
+    result = _dry_run(tmp_path, REPO / "configs" / "sd-turbo.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _job_counts(result.stdout)
+    assert jobs["check_assets"] == 1 and jobs["preference_latents"] == 1 and jobs["train"] == 1
+    assert "world_preferences_pickapic" not in jobs

@@ -88,6 +88,19 @@ def reward_assets(spec: dict) -> list[Asset]:
     return assets
 
 
+def preference_assets(config: dict) -> list[Asset]:
+    """The preference dataset named by preferences.path, when a method of train.methods trains from one."""
+    from drpo.methods import METHODS
+
+    path = config.get("preferences", {}).get("path")
+    methods = config.get("train", {}).get("methods", [])
+    offline = [m for m in methods if m in METHODS and METHODS[m].uses_preference_data]
+    if not path or not offline:
+        return []
+    return [Asset(path, f"preference dataset of {', '.join(offline)} (preferences.path: the authors' JSONL, or a "
+                        "Pick-a-Pic v2 folder of Parquet shards with caption, jpg_0, jpg_1, label_0, label_1)")]
+
+
 def required_assets(config: dict) -> list[Asset]:
     models = config["models"]
     assets = generator_assets(models["generator"]["path"], models["generator"]["kind"])
@@ -99,6 +112,7 @@ def required_assets(config: dict) -> list[Asset]:
     if not config.get("world", {}).get("enabled", True):
         assets += [Asset(config["prompts"][split], f"{split} prompts (.txt or GenEval .jsonl)")
                    for split in ("train", "test")]
+    assets += preference_assets(config)
     return list({asset.path: asset for asset in reversed(assets)}.values())[::-1]  # first mention wins
 
 

@@ -138,6 +138,8 @@ def _check_names(config: dict[str, Any]) -> None:
 
 
 def _check_consistency(config: dict[str, Any]) -> None:
+    from drpo.methods import METHODS
+
     train = config["train"]
     k = train["candidates"]
     problems = []
@@ -168,6 +170,18 @@ def _check_consistency(config: dict[str, Any]) -> None:
     if label is not None and config["evaluate"]["rewards"].get(label) is None:
         problems.append(f"evaluate.diversity_from ({label!r}) names no reward of evaluate.rewards "
                         f"({[name for name, spec in config['evaluate']['rewards'].items() if spec is not None]})")
+    # Methods that train from a preference dataset (unknown names are reported by _check_names).
+    for name in [m for m in train["methods"] if m in METHODS]:
+        problems += METHODS[name].config_problems(config)
+        if not METHODS[name].uses_preference_data:
+            continue
+        if not config["preferences"]["path"] and not config["world"]["enabled"]:
+            problems.append(f"train.methods has {name}, which trains from a preference dataset, but "
+                            "preferences.path is null and world.enabled is false: name a JSONL file or a "
+                            "Pick-a-Pic v2 folder of Parquet shards")
+        if train["reference"] == "bank":
+            problems.append(f"train.methods has {name}, which trains from a preference dataset's rows, but "
+                            "train.reference is bank (built for the training prompts): use train.reference: online")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
 

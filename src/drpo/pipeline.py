@@ -78,14 +78,65 @@ def make_reference_bank(config: dict, prompts_path: str | Path, bank_out: str | 
     bank.save(bank_out)
 
 
+def make_world_preferences(config: dict, prompts_path: str | Path, out: str | Path, format: str,
+                           log=print) -> dict:
+    """The miniature world's preference dataset from the training prompts (drpo.world.preferences), in ``format``
+    (jsonl: ``out`` is the JSONL file; pickapic: ``out`` is the shard folder); returns its counts."""
+    from drpo.world.preferences import (
+        generated_preferences,
+        render_preferences,
+        write_jsonl_dataset,
+        write_pickapic_dataset,
+    )
+
+    world, spec = config["preferences"]["world"], world_spec(config)
+    rows = read_rows(prompts_path)
+    counts = {"prompts": len(rows)}
+    sizes = {"chosen": world["chosen_per_prompt"], "rejected": world["rejected_per_prompt"], "seed": world["seed"]}
+    if world["kind"] == "renders":
+        preferences = render_preferences(rows, spec, **sizes)
+    else:
+        preferences = generated_preferences(rows, spec, load_generator_at(config), candidates=world["candidates"],
+                                            batch_size=config["evaluate"]["batch_size"], stats=counts, **sizes)
+    if format == "jsonl":
+        counts |= write_jsonl_dataset(preferences, out)
+    else:
+        counts |= write_pickapic_dataset(preferences, out, spec, seed=world["seed"])
+    log(f"{world['kind']} preference dataset ({format}) at {out}: {json.dumps(counts)}")
+    return counts
+
+
+def make_preference_latents(config: dict, dataset: str | Path, done_out: str | Path, log=print) -> dict:
+    """Encode the preference dataset's images with the generator's VAE into the cache folder of ``done_out``
+    (drpo.preferences.build_latent_cache: incremental, a rerun continues); returns its done record."""
+    from drpo.preferences import build_latent_cache
+
+    generator = load_generator_at(config)
+    path = Path(config["models"]["generator"]["path"])
+    # What the cache's latents depend on besides the dataset: the VAE's weights (their files' sizes and times).
+    stamps = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in (path / "vae").iterdir())
+    section = config["preferences"]
+    return build_latent_cache(dataset, Path(done_out).parent, generator.vae, resolution=generator.resolution,
+                              format=section["format"], encode=section["encode"], chunk_rows=section["chunk_rows"],
+                              max_rows=section["max_rows"], model={"generator": str(path), "vae_files": stamps},
+                              log=log)
+
+
 def run_settings(config: dict, method: str, seed: int) -> dict:
-    """What one training run depends on: the method's section, the models, the train settings that shape it (not
-    the list of methods and seeds, nor the process count, which changes no result) and its length. The train rule
-    declares it as params, so a change reruns exactly the runs it concerns."""
+    """What one training run depends on: the method's section (and the sections whose settings it reuses, and the
+    preference dataset for an offline method), the models, the train settings that shape it (not the list of
+    methods and seeds, nor the process count, which changes no result) and its length. The train rule declares it as
+    params, so a change reruns exactly the runs it concerns."""
+    from drpo.methods import METHODS
+
     train = config["train"]
     shared = {key: value for key, value in train.items()
               if key not in ("methods", "seeds", "learning_rate", "learning_rates", "processes", "main_process_port")}
-    return {"method": method, "seed": seed, method: config.get(method, {}), "models": config["models"],
+    cls = METHODS[method]
+    reused = {section: config[section] for section in cls.shared_settings}
+    data = {"preferences": config["preferences"]} if cls.uses_preference_data else {}
+    return {"method": method, "seed": seed, method: config.get(method, {}), **reused, **data,
+            "models": config["models"],
             "train": shared | {"learning_rate": train["learning_rates"].get(method, train["learning_rate"])}}
 
 
@@ -101,9 +152,13 @@ def run_identity(config: dict, method: str, seed: int, rows: list[dict]) -> dict
 
 
 def run_training(config: dict, method_name: str, seed: int, prompts_path: str | Path, run_dir: str | Path,
-                 *, bank_path: str | Path | None = None, log=print) -> Path:
-    """Train one (method, seed) run; the frozen base's samples come from the bank when one is given."""
+                 *, bank_path: str | Path | None = None, preferences_path: str | Path | None = None,
+                 log=print) -> Path:
+    """Train one (method, seed) run; the frozen base's samples come from the bank when one is given. A method that
+    trains from a preference dataset reads it from the latent cache whose ``done.json`` is ``preferences_path``: its
+    rows are the training prompts (with the GenEval rows of the training prompts they match, for tag balancing)."""
     from drpo.methods import build_method
+    from drpo.preferences import LatentCache, PreferenceSource
     from drpo.reference import OnlineReference, ReferenceBank
     from drpo.train import TrainSettings, train
 
@@ -111,7 +166,20 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
     method = build_method(method_name, generator, reward, features, config)
     rows = read_rows(prompts_path)
     prompts = [row["prompt"] for row in rows]
-    if bank_path is not None:
+    identity = run_identity(config, method_name, seed, rows)
+    metadata = rows
+    if method.uses_preference_data:
+        if preferences_path is None or bank_path is not None:
+            raise ValueError(f"method {method_name!r} trains from a preference dataset: give it the latent cache "
+                             "(preferences_path, the preference_latents rule's done.json) and no reference bank")
+        cache = LatentCache(Path(preferences_path).parent)
+        by_prompt = {row["prompt"]: row for row in rows}
+        metadata = [by_prompt.get(prompt) for prompt in cache.prompts]
+        metadata = None if None in metadata else metadata
+        source = PreferenceSource(cache, OnlineReference(generator, cache.prompts,
+                                                         candidates=config["train"]["candidates"], seed=seed))
+        identity["preferences_sha256"] = cache.digest
+    elif bank_path is not None:
         source = ReferenceBank.load(bank_path)
         if source.prompts != prompts:
             raise ValueError(f"reference bank {bank_path} was built for other prompts than {prompts_path}; "
@@ -119,8 +187,7 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
     else:
         source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=seed)
     settings = TrainSettings.from_config(config["train"], seed, method_name)
-    return train(method, source, settings, run_dir, identity=run_identity(config, method_name, seed, rows),
-                 metadata=rows, log=log,
+    return train(method, source, settings, run_dir, identity=identity, metadata=metadata, log=log,
                  provenance=lambda folder: write_provenance(folder, config, {"method": method_name, "seed": seed}))
 
 

@@ -6,6 +6,7 @@ weighted sum of their z-scores, the top candidates become positive anchors and t
 anchors.
 """
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -107,6 +108,29 @@ def drop_tied_anchors(scores: Tensor, positives: Tensor, negatives: Tensor) -> t
     if len(kept_positives) == 0 or len(kept_negatives) == 0:
         return positives[:0], negatives[:0]
     return kept_positives, kept_negatives
+
+
+def feature_subset(scores: Tensor, top_fraction: float, negatives: Tensor) -> Tensor:
+    """The candidates of one prompt that receive the gradient (spec 2.4, the authors' feature set): all K when
+    ``top_fraction`` >= 1, else the top ceil(K * top_fraction) by score minus the negatives, or the single best
+    when that leaves none.
+
+    Args:
+        scores: (K,) finite scores; negatives: (M,) indices of the negative anchors.
+
+    Returns:
+        (S,) int64 candidate indices, best first.
+    """
+    _check_scores(scores.view(1, -1), "candidate")
+    if not top_fraction > 0:
+        raise ValueError(f"top_fraction must be > 0, got {top_fraction}")
+    k = scores.shape[0]
+    if top_fraction >= 1:
+        return torch.arange(k, device=scores.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    top = order[: math.ceil(k * top_fraction)]
+    kept = top[~torch.isin(top, negatives.to(top.device))]
+    return kept if len(kept) else order[:1]
 
 
 def gather_samples(tensor: Tensor, index: Tensor) -> Tensor:

@@ -64,19 +64,32 @@ def reward_gradient(method: str) -> str:
     return "yes" if method in METHODS and METHODS[method].needs_reward_gradient else "no"
 
 
+def preference_data(method: str) -> str:
+    """The "data" cell: where the method's preferences come from, its own candidates ranked online by the reward or
+    a preference dataset (the offline methods, Method.uses_preference_data)."""
+    from drpo.methods import METHODS
+
+    if method == "base":
+        return "-"
+    return "preference dataset" if method in METHODS and METHODS[method].uses_preference_data else "online ranking"
+
+
 def final_table(steps: pd.DataFrame) -> pd.DataFrame:
     """Base row plus one row per method at its last step: mean and std over seeds, seed count, and whether
-    the method needs reward gradients (the paper's main-table layout)."""
+    the method needs reward gradients (the paper's main-table layout). A table with an offline method also says
+    where each method's preferences come from (column "data"), online methods first."""
     metrics = metric_columns(steps)
     base = steps[steps["method"] == "base"]
     trained = steps[steps["method"] != "base"]
     last = trained[trained["step"] == trained.groupby("method")["step"].transform("max")]
+    offline = any(preference_data(method) == "preference dataset" for method in last["method"].unique())
     rows = []
     # Paper layout: the base, then the methods without reward gradients, then those with them.
-    methods = sorted(last.groupby("method"), key=lambda item: (reward_gradient(item[0]), item[0]))
+    methods = sorted(last.groupby("method"), key=lambda item: (
+        reward_gradient(item[0]), preference_data(item[0]) == "preference dataset", item[0]))
     for method, group in [("base", base), *methods]:
         row = {"method": method, "steps": int(group["step"].max()), "uses_reward_grad": reward_gradient(method),
-               "seeds": group["seed"].nunique()}
+               **({"data": preference_data(method)} if offline else {}), "seeds": group["seed"].nunique()}
         for metric in metrics:
             row[metric] = group[metric].mean()
             row[f"{metric}_std"] = group[metric].std(ddof=0) if len(group) > 1 else 0.0
@@ -131,11 +144,13 @@ def mean_std(row: pd.Series, metric: str) -> str:
 
 
 def summary_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The summary's header and rows of string cells, metrics as mean ± std."""
+    """The summary's header and rows of string cells, metrics as mean ± std (and the "data" column of a table with
+    offline methods)."""
     metrics = metric_columns(table)
-    header = ["method", "steps", "reward grad.", "seeds", *[metric_label(m) for m in metrics]]
-    return header, [[row["method"], str(row["steps"]), row["uses_reward_grad"], str(row["seeds"]),
-                     *[mean_std(row, m) for m in metrics]] for _, row in table.iterrows()]
+    data = ["data"] if "data" in table else []
+    header = ["method", "steps", "reward grad.", *data, "seeds", *[metric_label(m) for m in metrics]]
+    return header, [[row["method"], str(row["steps"]), row["uses_reward_grad"], *[row[c] for c in data],
+                     str(row["seeds"]), *[mean_std(row, m) for m in metrics]] for _, row in table.iterrows()]
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -157,7 +172,8 @@ def plot_curves(steps: pd.DataFrame, metrics: list[str], path: str | Path, colum
         for method, group in curves.groupby("method"):
             stats = group.groupby("step")[metric].agg(["mean", "std"]).fillna(0.0)
             n_seeds = group["seed"].nunique()
-            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=f"{method} ({n_seeds} seeds)")
+            data = ", preference dataset" if preference_data(method) == "preference dataset" else ""
+            ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=f"{method} ({n_seeds} seeds{data})")
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
         ax.set_xlabel("update step")
         ax.set_ylabel(metric_label(metric))

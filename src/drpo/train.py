@@ -31,6 +31,7 @@ from drpo import run_folder
 from drpo.config import checkpoint_steps
 from drpo.lora import add_lora, load_lora, save_lora
 from drpo.methods.base import Measure, Method, PromptBatch, unmeasured
+from drpo.preferences.source import PreferenceSource
 from drpo.reference import ReferenceSource
 
 
@@ -110,12 +111,14 @@ def optimizer_for(params: list[torch.nn.Parameter], settings: TrainSettings) -> 
 def prompt_batches(source: ReferenceSource, cells: Iterable[tuple[int, int]], metadata: list[dict] | None,
                    measure: Measure = unmeasured) -> Iterator[PromptBatch]:
     """The micro-batches of the given (prompt index, noise set) cells; drawing the noises and the frozen base's
-    latents for them is the update's "reference_generate" component."""
+    latents for them is the update's "reference_generate" component. A preference dataset's source
+    (drpo.preferences.PreferenceSource) also gives each batch its row's chosen and rejected latents."""
     for prompt_index, noise_set in cells:
         with measure("reference_generate"):
             noise, reference = source.cell(prompt_index, noise_set)
+        chosen, rejected = source.pair(prompt_index) if isinstance(source, PreferenceSource) else (None, None)
         yield PromptBatch(prompt=source.prompts[prompt_index], noise=noise, reference=reference,
-                          metadata=metadata[prompt_index] if metadata else None)
+                          metadata=metadata[prompt_index] if metadata else None, chosen=chosen, rejected=rejected)
 
 
 def update(method: Method, batches: Iterable[PromptBatch], params: list[torch.nn.Parameter],

@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 from drpo.config import checkpoint_steps, validate_config
+from drpo.methods import METHODS
 from drpo.pipeline import run_settings
 
 validate_config(config)
@@ -10,6 +11,8 @@ validate_config(config)
 R = config["results_dir"]
 RUN = R + "/runs/{method}/seed{seed}"
 EVAL = R + "/eval/{method}/seed{seed}/step{step}"
+# The preference dataset's VAE latents (rule preference_latents), read by the offline methods' runs.
+PREFERENCE_CACHE = R + "/preferences/latents"
 
 
 wildcard_constraints:
@@ -126,3 +129,47 @@ def final_outputs():
 def run_settings_of(wildcards):
     """The settings one (method, seed) run depends on: the train rule's params."""
     return run_settings(config, wildcards.method, int(wildcards.seed))
+
+
+def world_preference_dataset(format):
+    """Where the miniature world writes its preference dataset in ``format``: the JSONL file, or the shard folder."""
+    return f"{R}/world/preferences/jsonl/pairs.jsonl" if format == "jsonl" else f"{R}/world/preferences/pickapic"
+
+
+def preference_dataset():
+    """The offline methods' dataset: preferences.path, or the miniature world's in preferences.world.format."""
+    return config["preferences"]["path"] or world_preference_dataset(config["preferences"]["world"]["format"])
+
+
+def preference_inputs(wildcards=None):
+    """The latent cache's inputs: the models, and the dataset when a rule writes it (the world's) or it exists. A
+    missing dataset of your own is listed by check_assets with the missing models, as model_inputs leaves them."""
+    inputs = dict(model_inputs())
+    path = config["preferences"]["path"]
+    if (not path and config["world"]["enabled"]) or (path and Path(path).exists()):
+        inputs["dataset"] = preference_dataset()
+    return inputs
+
+
+def world_preference_settings():
+    """What the world's preference dataset depends on (its rules' params): the world and preferences.world, and for
+    the generated kind the base generator that samples it."""
+    world = config["preferences"]["world"]
+    settings = {"world": config["world"], "preferences": {"world": world}}
+    if world["kind"] == "generated":
+        settings |= {"device": config["device"], "models": {"generator": config["models"]["generator"]},
+                     "evaluate": {"batch_size": config["evaluate"]["batch_size"]}}
+    return settings
+
+
+def uses_preference_data(method):
+    return METHODS[method].uses_preference_data
+
+
+def offline_asset_settings():
+    """What check_assets reads of the offline methods: which methods of train.methods train from a dataset and its
+    path ({} without any, so that the check's params, and what depends on it, do not change for online runs)."""
+    offline = [method for method in config["train"]["methods"] if uses_preference_data(method)]
+    if not offline:
+        return {}
+    return {"train": {"methods": offline}, "preferences": {"path": config["preferences"]["path"]}}

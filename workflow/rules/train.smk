@@ -1,12 +1,15 @@
 # Online training, one job per (method, seed). Checkpoints are written inside the run folder but
 # are not declared outputs: Snakemake deletes the outputs of a failed job, and a rerun must find
 # them to resume. train_done.json is written last. With train.processes > 1 the job runs
-# `accelerate launch` over that many GPUs (one Slurm task holding all of them, see profiles/slurm).
+# `accelerate launch` over that many GPUs (one Slurm task holding all of them, see profiles/slurm). An offline method
+# (drpo.methods.offline*) trains from the preference dataset's latent cache (rules/preferences.smk).
 
 
 def train_inputs(wildcards):
     inputs = dict(model_inputs(), prompts=train_prompts())
-    if config["train"]["reference"] == "bank":
+    if uses_preference_data(wildcards.method):  # an offline method: the dataset's latents, base sampled online
+        inputs["preferences"] = PREFERENCE_CACHE + "/done.json"
+    elif config["train"]["reference"] == "bank":
         inputs["bank"] = rules.reference_bank.output.bank
     return inputs
 

@@ -19,9 +19,11 @@ if variant := getattr(snakemake.params, "variant", None):
     config = variant_config(config, *variant)
 run_dir = Path(snakemake.output.done).parent
 bank = snakemake.input.get("bank")
+preferences = snakemake.input.get("preferences")  # the latent cache of an offline method's dataset
 processes = config["train"]["processes"]
 if processes == 1:
-    run_training(config, w.method, int(w.seed), snakemake.input.prompts, run_dir, bank_path=bank)
+    run_training(config, w.method, int(w.seed), snakemake.input.prompts, run_dir, bank_path=bank,
+                 preferences_path=preferences)
 else:
     # The processes read the config from a file of their own: the run's config.resolved.yaml is written by the
     # training once it has claimed the folder (drpo.run_folder), and may have to move aside with an older run.
@@ -34,6 +36,8 @@ else:
                "--prompts", snakemake.input.prompts, "--run-dir", str(run_dir)]
     if bank:
         command += ["--bank", bank]
+    if preferences:
+        command += ["--preferences", preferences]
     print(" ".join(command), flush=True)
     # SIGTERM, which the launcher passes on to its processes, when this job ends.
     subprocess.run(command, check=True, stdout=sys.stdout, stderr=sys.stderr,

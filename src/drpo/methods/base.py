@@ -29,20 +29,24 @@ def unmeasured(component: str) -> AbstractContextManager:
 
 @dataclass
 class PromptBatch:
-    """One micro-step of online training: one prompt and its K noises.
+    """One micro-step of training: one prompt and its K noises.
 
     noise, reference: (K, C, H, W); reference holds the frozen base generator's latents for the
-    same noises. metadata is the prompt's GenEval row when known.
+    same noises. metadata is the prompt's GenEval row when known. chosen (P, C, H, W) and rejected (M, C, H, W)
+    are the VAE latents of a preference dataset row's images, for the methods that train from one
+    (``Method.uses_preference_data``; drpo.preferences); None in online training.
     """
 
     prompt: str
     noise: torch.Tensor
     reference: torch.Tensor
     metadata: dict | None = None
+    chosen: torch.Tensor | None = None
+    rejected: torch.Tensor | None = None
 
     def split(self, size: int) -> list[PromptBatch]:
-        """The same prompt with its candidates in groups of at most ``size``."""
-        return [PromptBatch(self.prompt, noise, reference, self.metadata)
+        """The same prompt with its candidates in groups of at most ``size`` (the data latents go with each)."""
+        return [PromptBatch(self.prompt, noise, reference, self.metadata, self.chosen, self.rejected)
                 for noise, reference in zip(self.noise.split(size), self.reference.split(size))]
 
 
@@ -58,24 +62,58 @@ class Method(ABC):
     settings_class: ClassVar[type]
     #: Methods that backpropagate through the reward refuse non-differentiable rewards.
     needs_reward_gradient: ClassVar[bool] = False
+    #: Where the method's preferences come from: False, an online ranking of its own candidates by the reward;
+    #: True, a preference dataset's chosen / rejected images (PromptBatch.chosen / rejected; drpo.preferences).
+    #: The workflow gives these methods the dataset's latent cache and the report a "data" column.
+    uses_preference_data: ClassVar[bool] = False
+    #: Other methods' config sections whose settings this method reuses, by section name -> settings class (offline
+    #: DrPO reuses drpo's weights, radii and lambda): built into ``self.shared[section]``, and part of its runs'
+    #: settings, so that a change to them reruns its runs.
+    shared_settings: ClassVar[dict[str, type]] = {}
 
-    def __init__(self, generator, reward, settings, features=None) -> None:
+    def __init__(self, generator, reward, settings, features=None, shared: dict | None = None) -> None:
         if self.needs_reward_gradient and not getattr(reward, "differentiable", False):
             raise ValueError(
                 f"method {self.name!r} needs reward gradients but reward {reward.name!r} is not "
                 "differentiable; use a gradient-free method such as drpo"
             )
+        missing = sorted(set(self.shared_settings) - set(shared or {}))
+        if missing:
+            raise ValueError(f"method {self.name!r} reuses the settings of the sections {missing}; pass them as shared")
         self.generator = generator
         self.reward = reward
         self.settings = settings
         self.features = features
+        self.shared = dict(shared or {})
         #: ``with self.measure(component): ...`` around each part of an update (COMPONENTS).
         self.measure: Measure = unmeasured
 
     @classmethod
     def from_config(cls, generator, reward, features, config: dict) -> Method:
-        """Build the method from the validated workflow config (its own section ``config[name]``)."""
-        return cls(generator, reward, settings_from_section(cls.settings_class, config[cls.name]), features)
+        """Build the method from the validated workflow config (its own section ``config[name]``, and the sections
+        of ``shared_settings``)."""
+        settings = settings_from_section(cls.settings_class, config[cls.name])
+        if not cls.shared_settings:  # (methods that take their own constructor arguments know nothing of shared)
+            return cls(generator, reward, settings, features)
+        shared = {section: settings_from_section(klass, config[section])
+                  for section, klass in cls.shared_settings.items()}
+        return cls(generator, reward, settings, features, shared=shared)
+
+    @classmethod
+    def config_problems(cls, config: dict) -> list[str]:
+        """What in the validated config this method cannot train with, one message each (checked by drpo.config
+        for every method in train.methods, before any job); [] when nothing."""
+        return []
+
+    def preference_pair(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's chosen and rejected latents on the generator's device, or an error saying that this method
+        trains from a preference dataset."""
+        if batch.chosen is None or batch.rejected is None:
+            raise ValueError(f"method {self.name!r} trains from a preference dataset, but the batch of prompt "
+                             f"{batch.prompt!r} has no chosen / rejected latents; train it through the workflow, "
+                             "which gives it preferences.path's latent cache (drpo.preferences.PreferenceSource)")
+        device = self.generator.device
+        return batch.chosen.to(device, torch.float32), batch.rejected.to(device, torch.float32)
 
     def score_candidates(self, batch: PromptBatch, latents: torch.Tensor) -> torch.Tensor:
         """The reward of each of the prompt's candidate latents (K, C, H, W) -> (K,), decoded and scored without

@@ -65,20 +65,28 @@ class DrPOSettings:
 
 
 def preference_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor],
-                    reference: Mapping[str, torch.Tensor] | None, positives: torch.Tensor | None,
+                    reference: Mapping[str, torch.Tensor] | None,
+                    positives: torch.Tensor | Mapping[str, torch.Tensor] | None,
                     negatives: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
     """The binary DrPO objective of one prompt: preference field + λ·reference drift, summed or averaged over keys.
 
     generated: the candidates' features with gradient, {key: (S, T, D)}; reference: the frozen base's features
     for the same noises (None when λ = 0); positives: indices into the candidates (P,), whose detached features
-    are the positive anchors; negatives: detached features {key: (M, T, D)}. positives and negatives None: no
-    preference term (every anchor tied). Returns a scalar.
+    are the positive anchors, or the anchors' features themselves {key: (P, T, D)} (the offline modes' data
+    anchors); negatives: detached features {key: (M, T, D)}. positives and negatives None: no preference term
+    (every anchor tied). Returns a scalar.
     """
     s = settings
     feats = {name: value.unsqueeze(0) for name, value in generated.items()}
+    if positives is None:
+        anchors = None
+    elif isinstance(positives, Mapping):
+        anchors = {name: value.detach().unsqueeze(0) for name, value in positives.items()}
+    else:
+        anchors = {name: value.detach()[:, positives] for name, value in feats.items()}
     loss, _ = drpo_objective(
         feats, None if reference is None else {name: value.unsqueeze(0) for name, value in reference.items()},
-        None if positives is None else {name: value.detach()[:, positives] for name, value in feats.items()},
+        anchors,
         None if negatives is None else {name: value.unsqueeze(0) for name, value in negatives.items()},
         positive_weight=s.positive_weight, negative_weight=s.negative_weight,
         reference_weight=s.reference_weight, reference_negative_weight=s.reference_negative_weight,
@@ -109,6 +117,38 @@ def reward_weighted_loss(settings: DrPOSettings, generated: Mapping[str, torch.T
     if s.aggregation == "mean":
         total = total / len(losses)
     return awr.loss_weight * total.mean()
+
+
+def drpo_loss(method: Method, settings: DrPOSettings, latents: torch.Tensor, generated: Mapping[str, torch.Tensor],
+              reference: torch.Tensor, cond, positives: torch.Tensor | Mapping[str, torch.Tensor],
+              negatives: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """DrPO's loss of one prompt's generated set: preference + λ·reference drift over the feature keys (+ the
+    optional latent and feature L2 to the base), computed with ``method``'s feature encoder and timed by its
+    ``measure`` hook. Online DrPO and the offline modes (drpo.methods.offline, offline_distance) share it.
+
+    latents: the generated set (S, C, H, W) with gradient; generated: their features {key: (S, T, D)}; reference:
+    the base's latents for the same noises; cond: their conditioning; positives: indices into the generated set or
+    anchor features (see :func:`preference_loss`), empty when every anchor tied (the reference terms alone);
+    negatives: detached features {key: (M, T, D)}.
+    """
+    s, measure = settings, method.measure
+    # An empty index set: every anchor tied, the reference terms alone.
+    preferred = not isinstance(positives, torch.Tensor) or len(positives) > 0
+    reference_features = None
+    if s.reference_loss_weight or s.feature_l2_weight:
+        with measure("features"), torch.no_grad():
+            reference_features = method.features(reference.float(), cond=cond)
+    with measure("loss"):
+        loss = latents.sum() * 0.0
+        if preferred or s.reference_loss_weight:
+            loss = preference_loss(s, generated, reference_features if s.reference_loss_weight else None,
+                                   positives if preferred else None, negatives if preferred else None)
+        if s.reference_l2_weight:
+            loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
+        if s.feature_l2_weight:
+            loss = loss + s.feature_l2_weight * sum(F.mse_loss(generated[key], reference_features[key])
+                                                    for key in generated)
+    return loss
 
 
 class DrPO(Method):
@@ -147,31 +187,7 @@ class DrPO(Method):
         # Anchors are the candidates' own features, detached (no second encoder pass).
         pos, neg = pos.to(latents.device), neg.to(latents.device)
         negatives = {name: value.detach()[neg] for name, value in generated.items()}
-        return self._objective(latents, generated, reference, cond, pos, negatives), logs
-
-    def _objective(self, latents, generated, reference, cond, positives, negatives) -> torch.Tensor:
-        """Preference + λ·reference drift over the feature keys (+ the optional latent and feature L2 to the base).
-
-        generated: features of ``latents`` with gradient, {key: (S, T, D)}; positives: indices into them;
-        negatives: detached features {key: (M, T, D)}; reference: the base's latents for the same noises.
-        """
-        s, measure = self.settings, self.measure
-        preferred = len(positives) > 0  # else every anchor tied: the reference terms alone
-        reference_features = None
-        if s.reference_loss_weight or s.feature_l2_weight:
-            with measure("features"), torch.no_grad():
-                reference_features = self.features(reference.float(), cond=cond)
-        with measure("loss"):
-            loss = latents.sum() * 0.0
-            if preferred or s.reference_loss_weight:
-                loss = preference_loss(s, generated, reference_features if s.reference_loss_weight else None,
-                                       positives if preferred else None, negatives if preferred else None)
-            if s.reference_l2_weight:
-                loss = loss + s.reference_l2_weight * F.mse_loss(latents.float(), reference.float())
-            if s.feature_l2_weight:
-                loss = loss + s.feature_l2_weight * sum(F.mse_loss(generated[key], reference_features[key])
-                                                        for key in generated)
-        return loss
+        return drpo_loss(self, s, latents, generated, reference, cond, pos, negatives), logs
 
     def _reward_weighted_loss(self, latents, reference, cond, scores) -> tuple[torch.Tensor, dict[str, float]]:
         s, measure = self.settings, self.measure
@@ -226,7 +242,7 @@ class DrPO(Method):
         with measure("features"):
             generated = self.features(latents.float(), cond=pos_cond)
         every = torch.arange(len(positives), device=latents.device)
-        return self._objective(latents, generated, reference, pos_cond, every, negative_features), logs
+        return drpo_loss(self, s, latents, generated, reference, pos_cond, every, negative_features), logs
 
 
 def _subsample(pool: list[torch.Tensor], cap: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drpo.images import from_uint8
 from drpo.provenance import environment
 from drpo.world.prompts import all_prompts
 from drpo.world.render import render, render_negative
@@ -21,8 +22,7 @@ from drpo.world.spec import WorldSpec
 
 def to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> Tensor:
     """uint8 images (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."""
-    pixels = torch.from_numpy(np.ascontiguousarray(np.stack(images) if not isinstance(images, np.ndarray) else images))
-    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return from_uint8(np.stack(images) if not isinstance(images, np.ndarray) else images)
 
 
 def render_batch(rows: Sequence[dict[str, Any]], rng: np.random.Generator, spec: WorldSpec) -> Tensor:

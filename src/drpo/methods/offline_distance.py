@@ -1,0 +1,125 @@
+"""Offline DrPO by distances, "offline_distance" (method spec section 7, the authors' pseudo-online mode): rank the
+generator's own candidates by how close they come to a preference dataset's chosen images and how far from its
+rejected ones, then train on them as online DrPO trains on reward-ranked candidates.
+
+Per row of the dataset: K candidates of the current generator for the prompt; without gradient, the features of
+the candidates and of the row's chosen and rejected latents; :func:`distance_scores` scores every candidate; the top
+``num_pos`` are positive anchors and the bottom ``num_neg`` negative anchors (disjoint); the gradient flows through
+the top ``top_fraction`` of the candidates minus the negatives (drpo.ranking.feature_subset); ``data_anchors``
+appends the chosen and rejected features to the anchor sets. The loss is online DrPO's (drpo_loss with the drpo
+section's weights, radii, kernel, aggregation, λ and latent L2; the reference drift for the candidates in the
+gradient set). No reward model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from drpo.methods.base import Method, PromptBatch
+from drpo.methods.drpo import DrPOSettings, drpo_loss
+from drpo.methods.offline import binary_objective_problems
+from drpo.ranking import feature_subset, select_anchors, zscore
+
+DISTANCES = ("mean", "min")
+SCORES = ("margin", "separate_zscore", "cosine_softmax_diff")
+COMBINES = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class OfflineDistanceSettings:
+    num_pos: int
+    num_neg: int
+    distance: str
+    score: str
+    combine: str
+    top_fraction: float
+    data_anchors: bool
+
+
+def distance_scores(candidates: Mapping[str, torch.Tensor], chosen: Mapping[str, torch.Tensor],
+                    rejected: Mapping[str, torch.Tensor], *, distance: str, score: str, combine: str) -> torch.Tensor:
+    """How much each candidate looks like the chosen images rather than the rejected ones: (K,), higher is better.
+
+    candidates {key: (K, T, D)}, chosen {key: (P, T, D)}, rejected {key: (M, T, D)}. Per feature key every sample is
+    flattened to one vector (T * D). d+ of a candidate is its Euclidean distance to the chosen vectors, d- to the
+    rejected ones, reduced over them by ``distance`` (mean, or min: the nearest). ``score``:
+    margin: z(d- - d+); separate_zscore: z(d-) - z(d+), z a z-score over the K candidates (population std);
+    cosine_softmax_diff: softmax over K of the cosine to the chosen minus that of the cosine to the rejected (the
+    cosines reduced by mean, or by max with distance "min"). The keys are combined by ``combine`` (mean or sum).
+    """
+    for name, value, valid in (("distance", distance, DISTANCES), ("score", score, SCORES),
+                               ("combine", combine, COMBINES)):
+        if value not in valid:
+            raise ValueError(f"unknown offline_distance.{name} {value!r}; valid: {', '.join(valid)}")
+    per_key = []
+    for key, values in candidates.items():
+        x = values.detach().flatten(1).float()
+        if score == "cosine_softmax_diff":
+            near = [_reduce(_cosine(x, anchors[key].flatten(1).float()), "max" if distance == "min" else "mean")
+                    for anchors in (chosen, rejected)]
+            per_key.append(near[0].softmax(dim=0) - near[1].softmax(dim=0))
+            continue
+        d_pos, d_neg = (_reduce((x[:, None] - anchors[key].flatten(1).float()[None]).norm(dim=-1), distance)
+                        for anchors in (chosen, rejected))
+        per_key.append(zscore(d_neg - d_pos) if score == "margin" else zscore(d_neg) - zscore(d_pos))
+    total = torch.stack(per_key).sum(dim=0)
+    return total / len(per_key) if combine == "mean" else total
+
+
+def _cosine(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(K, E) and (P, E) -> (K, P) cosine similarities."""
+    return torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(anchors, dim=-1).T
+
+
+def _reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+    """(K, P) -> (K,) over the data samples."""
+    return {"mean": values.mean, "min": values.amin, "max": values.amax}[how](dim=1)
+
+
+class OfflineDistanceDrPO(Method):
+    name = "offline_distance"
+    settings_class = OfflineDistanceSettings
+    needs_reward_gradient = False
+    uses_preference_data = True
+    shared_settings = {"drpo": DrPOSettings}
+
+    @classmethod
+    def config_problems(cls, config: dict) -> list[str]:
+        return binary_objective_problems(config, cls.name)
+
+    def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        s, gen, measure = self.settings, self.generator, self.measure
+        chosen, rejected = self.preference_pair(batch)
+        k = batch.noise.shape[0]
+        if s.num_pos + s.num_neg > k:
+            raise ValueError(f"offline_distance.num_pos ({s.num_pos}) + num_neg ({s.num_neg}) exceeds K ({k})")
+        with measure("text_encode"):
+            prompt = gen.encode_prompts([batch.prompt])
+            cond = prompt.repeat_interleave(k)
+        with measure("student_generate"):
+            latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
+        with measure("features"):
+            features = self.features(latents.float(), cond=cond)  # with gradient; a subset of it is trained
+            with torch.no_grad():
+                data = self.features(torch.cat([chosen, rejected]), cond=prompt)
+        data_chosen = {key: value[: len(chosen)] for key, value in data.items()}
+        data_rejected = {key: value[len(chosen):] for key, value in data.items()}
+        with measure("rank_select"):
+            scores = distance_scores(features, data_chosen, data_rejected, distance=s.distance, score=s.score,
+                                     combine=s.combine)
+            pos, neg = (index[0] for index in select_anchors(scores.view(1, k), s.num_pos, s.num_neg))
+            subset = feature_subset(scores, s.top_fraction, neg).to(latents.device)
+        positives = {key: value.detach()[pos] for key, value in features.items()}
+        negatives = {key: value.detach()[neg] for key, value in features.items()}
+        if s.data_anchors:
+            positives = {key: torch.cat([value, data_chosen[key]]) for key, value in positives.items()}
+            negatives = {key: torch.cat([value, data_rejected[key]]) for key, value in negatives.items()}
+        generated = {key: value[subset] for key, value in features.items()}
+        reference = batch.reference.to(latents.device)[subset]
+        loss = drpo_loss(self, self.shared["drpo"], latents[subset], generated, reference, prompt, positives,
+                         negatives)
+        return loss, {"score_top": scores[pos].mean().item(), "score_bottom": scores[neg].mean().item(),
+                      "gradient_set": float(len(subset))}

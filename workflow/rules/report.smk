@@ -1,6 +1,12 @@
 # Tables and figures, regenerated from evaluation summaries alone (no retraining). In the HTML report
-# (`snakemake --report report.html`), a run of DrPO alone is "Main results", one with baselines "Baselines".
-MAIN_CATEGORY = "Baselines" if set(config["train"]["methods"]) - {"drpo"} else "Main results"
+# (`snakemake --report report.html`), a run of DrPO alone is "Main results", one with baselines "Baselines", one
+# with methods trained from a preference dataset "Offline".
+if any(uses_preference_data(method) for method in config["train"]["methods"]):
+    MAIN_CATEGORY = "Offline"
+elif set(config["train"]["methods"]) - {"drpo"}:
+    MAIN_CATEGORY = "Baselines"
+else:
+    MAIN_CATEGORY = "Main results"
 
 
 def report_outputs():

@@ -1,9 +1,9 @@
 """The interface of the frozen feature encoders, `FeatureEncoder`, and the feature-key grammar.
 
 An encoder maps latents (N, C, H, W) to a dict of token sets key -> (N, T, D): it has a fixed tuple of `keys`,
-a differentiable `__call__` that runs in fp32, and frozen parameters. A subclass names its feature maps
-(N, C, H, W) in `map_names` and computes them in `maps()`; `FeatureEncoder` chunks the batch and turns the maps
-into the keys' token sets with `feature_head`.
+a differentiable `__call__` that runs in fp32 (autocast off, whatever the training's mixed precision), and frozen
+parameters. A subclass names its feature maps (N, C, H, W) in `map_names` and computes them in `maps()`;
+`FeatureEncoder` chunks the batch and turns the maps into the keys' token sets with `feature_head`.
 
 Feature keys follow the grammar ``<map>_<stat>[_<p>]`` over the encoder's named feature maps
 (N, C, H, W):
@@ -121,7 +121,8 @@ class FeatureEncoder(nn.Module, ABC):
         """fp32 latents (N, C, H, W) -> {map name: (N, C', H', W')}."""
 
     def forward(self, latents: Tensor, cond: PromptEmbedding | None = None) -> dict[str, Tensor]:
-        """(N, C, H, W) any float dtype -> {key: (N, T, D) float32}; computed in fp32, in chunks of `chunk_size`.
+        """(N, C, H, W) any float dtype -> {key: (N, T, D) float32}; computed in fp32 (also inside an autocast
+        region), in chunks of `chunk_size`.
 
         cond: prompt conditioning, one per latent or one for all; required when `needs_condition`, else ignored.
         """
@@ -139,10 +140,12 @@ class FeatureEncoder(nn.Module, ABC):
             raise ValueError(f"{len(cond)} prompt embeddings for {x.shape[0]} latents (need equal counts or 1)")
         chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
         parts, start = [], 0
-        for chunk in chunks:
-            part_cond = cond if cond is None or len(cond) == 1 else cond[start : start + len(chunk)]
-            parts.append(self._features(chunk, part_cond))
-            start += len(chunk)
+        # Outside the training step's autocast: the authors' extractor runs in fp32 whatever the mixed precision.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for chunk in chunks:
+                part_cond = cond if cond is None or len(cond) == 1 else cond[start : start + len(chunk)]
+                parts.append(self._features(chunk, part_cond))
+                start += len(chunk)
         return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in self.keys}
 
     def _features(self, x: Tensor, cond: PromptEmbedding | None) -> dict[str, Tensor]:

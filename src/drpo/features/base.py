@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from collections.abc import Sequence
 
 import torch
@@ -84,6 +85,9 @@ class FeatureEncoder(nn.Module, ABC):
     #: What this encoder's map names look like (a regular expression), known before any model is loaded: a key
     #: whose map cannot match is refused when the config is read; a built encoder checks its real maps.
     map_pattern: str = r".+"
+    #: Whether two calls on the same latents give different features (fresh noise or a random mask per call):
+    #: DrPO then calls the encoder again for its anchors, as the authors' trainers do (drpo.methods.drpo).
+    stochastic: bool = False
 
     @classmethod
     def impossible_keys(cls, keys: Sequence[str]) -> list[str]:
@@ -140,8 +144,11 @@ class FeatureEncoder(nn.Module, ABC):
             raise ValueError(f"{len(cond)} prompt embeddings for {x.shape[0]} latents (need equal counts or 1)")
         chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
         parts, start = [], 0
-        # Outside the training step's autocast: the authors' extractor runs in fp32 whatever the mixed precision.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # Outside the training step's autocast: the authors' extractor runs in fp32 whatever the mixed precision
+        # (the cost report's meta tensors have no autocast to leave).
+        device = x.device.type
+        fp32 = torch.autocast(device_type=device, enabled=False) if torch.amp.is_autocast_available(device) else None
+        with fp32 or nullcontext():
             for chunk in chunks:
                 part_cond = cond if cond is None or len(cond) == 1 else cond[start : start + len(chunk)]
                 parts.append(self._features(chunk, part_cond))

@@ -273,3 +273,37 @@ def test_the_perceptual_term_is_the_feature_mse_to_the_frozen_base(tiny_config):
         base = features(reference.float(), cond=cond)
         mse = sum(torch.nn.functional.mse_loss(ours[k], base[k]).item() for k in ours)
     assert mse > 0 and losses[2.0] - losses[0.0] == pytest.approx(2.0 * mse, rel=1e-4)
+
+
+def _encoder_calls(features) -> list[tuple[int, bool]]:
+    """(batch size, with gradient) of each call of the encoder from now on, recorded by a forward hook."""
+    calls = []
+    features.register_forward_hook(lambda module, args, output: calls.append((len(args[0]), torch.is_grad_enabled())))
+    return calls
+
+
+@pytest.mark.parametrize(("encoder", "share", "anchor_calls"), [
+    ("teacher_unet", True, [(2, False), (2, False)]),  # stochastic: its own calls for positives and negatives
+    ("latent_mae", True, []),  # deterministic: the candidates' features, one pass saved
+    ("latent_mae", False, [(2, False), (2, False)]),
+])
+def test_anchor_features_are_fresh_calls_for_a_stochastic_encoder(tiny_config, encoder, share, anchor_calls):
+    features = {"name": "teacher_unet", "checkpoint": None, "keys": ["mid_block"]} if encoder == "teacher_unet" else {}
+    config = merge(tiny_config, {"models": {"features": features}, "drpo": {"share_anchor_features": share}})
+    method, bank = _setup(config)
+    assert method.features.stochastic == (encoder == "teacher_unet")
+    calls = _encoder_calls(method.features)
+    noise, reference = bank.cell(0, 0)
+    loss, _ = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    assert torch.isfinite(loss)
+    # K = 6 candidates with gradient, then the anchors (num_pos = num_neg = 2), then the base's samples for lambda.
+    assert calls == [(6, True), *anchor_calls, (6, False)]
+
+
+def test_shared_and_fresh_anchor_features_agree_for_a_deterministic_encoder(tiny_config):
+    losses = []
+    for share in (True, False):
+        method, bank = _setup(merge(tiny_config, {"drpo": {"share_anchor_features": share}}))
+        noise, reference = bank.cell(0, 0)
+        losses.append(method.loss(PromptBatch(PROMPTS[0], noise, reference))[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -288,7 +288,8 @@ def test_vggflow_threshold_is_one_value_from_the_norms_of_every_process(tiny_con
     for update in (1, 2):
         last = torch.tensor([ranks[r]["norms"][2 * update - 1] for r in range(2)]).flatten()
         expected = torch.quantile(last, 0.8).item()
-        state = json.loads((tmp_path / "run" / "checkpoints" / f"checkpoint-{update}" / "training_state.json").read_text())
+        checkpoint = tmp_path / "run" / "checkpoints" / f"checkpoint-{update}"
+        state = json.loads((checkpoint / "training_state.json").read_text())
         assert state["method_state"]["clip_threshold"] == pytest.approx(expected, rel=1e-6)
     assert ranks[0]["tau"] == ranks[1]["tau"] == pytest.approx(expected, rel=1e-6)
 

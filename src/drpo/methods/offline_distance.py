@@ -7,9 +7,9 @@ the candidates and of the row's chosen and rejected latents; :func:`distance_sco
 ``num_pos`` are positive anchors and the bottom ``num_neg`` negative anchors (disjoint); the gradient flows through
 the top ``top_fraction`` of the candidates minus the negatives (drpo.ranking.feature_subset); ``data_anchors``
 appends the chosen and rejected features to the anchor sets. The candidates' anchor features are taken as online
-DrPO takes them (drpo.methods.drpo.anchor_features: a call of their own for a stochastic encoder). The loss is online DrPO's (drpo_loss with the drpo
-section's weights, radii, kernel, aggregation, λ and latent L2; the reference drift for the candidates in the
-gradient set). No reward model.
+DrPO takes them (drpo.methods.drpo.anchor_features: a call of their own for a stochastic encoder). The loss is
+online DrPO's (drpo_loss with the drpo section's weights, radii, kernel, aggregation, λ and latent L2; the reference
+drift for the candidates in the gradient set). No reward model.
 """
 
 from __future__ import annotations

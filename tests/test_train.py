@@ -10,7 +10,7 @@ from drpo.config import checkpoint_steps, merge
 from drpo.drift import AWR_VARIANTS
 from drpo.lora import add_lora
 from drpo.methods import build_method
-from drpo.methods.base import PromptBatch
+from drpo.methods.base import Method, PromptBatch
 from drpo.pipeline import load_models
 from drpo.reference import OnlineReference, ReferenceBank, build_reference_bank
 from drpo.run_folder import latest_checkpoint
@@ -307,3 +307,29 @@ def test_shared_and_fresh_anchor_features_agree_for_a_deterministic_encoder(tiny
         noise, reference = bank.cell(0, 0)
         losses.append(method.loss(PromptBatch(PROMPTS[0], noise, reference))[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+class _SmallGradient(Method):
+    """A loss whose gradient, 1e-7 x the latents' mean square, rounds to zero in the generator's fp16 activations
+    unless the loss is scaled."""
+
+    name = "small_gradient"
+
+    def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = self.generator
+        return 1e-7 * gen.sample(gen.encode_prompts([batch.prompt]), batch.noise).square().mean(), {}
+
+
+def test_fp16_training_scales_the_loss_so_that_small_gradients_survive(tiny_config, tmp_path):
+    norms = {}
+    for precision in ("no", "fp16"):
+        generator, reward, _ = load_models(tiny_config, features=False)
+        bank = build_reference_bank(generator, PROMPTS, candidates=6, noise_sets=1, seed=0, batch_size=8)
+        settings = TrainSettings.from_config(tiny_config["train"] | {"steps": 2, "mixed_precision": precision}, seed=0)
+        train(_SmallGradient(generator, reward, None), bank, settings, tmp_path / precision, identity=RUN,
+              log=lambda *_: None)
+        records = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        norms[precision] = [r["grad_norm"] for r in records]
+    assert all(n > 0 for n in norms["fp16"]) and norms["fp16"] == pytest.approx(norms["no"], rel=0.05)
+    state = json.loads((tmp_path / "fp16" / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 2.0**16  # saved for a resume; no overflow, so the initial scale

@@ -331,5 +331,15 @@ def test_fp16_training_scales_the_loss_so_that_small_gradients_survive(tiny_conf
         records = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
         norms[precision] = [r["grad_norm"] for r in records]
     assert all(n > 0 for n in norms["fp16"]) and norms["fp16"] == pytest.approx(norms["no"], rel=0.05)
-    state = json.loads((tmp_path / "fp16" / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
-    assert state["grad_scaler"]["scale"] == 2.0**16  # saved for a resume; no overflow, so the initial scale
+    saved = tmp_path / "fp16" / "checkpoints" / "checkpoint-2" / "training_state.json"
+    state = json.loads(saved.read_text())
+    assert state["grad_scaler"]["scale"] == 2.0**16  # no overflow, so the initial scale
+    # A resume restores the scale (set by hand here to tell it from a fresh scaler's).
+    saved.write_text(json.dumps(state | {"grad_scaler": state["grad_scaler"] | {"scale": 1024.0}}))
+    (tmp_path / "fp16" / "train_done.json").unlink()
+    generator, reward, _ = load_models(tiny_config, features=False)
+    train(_SmallGradient(generator, reward, None), bank, TrainSettings.from_config(
+        tiny_config["train"] | {"steps": 3, "mixed_precision": "fp16"}, seed=0), tmp_path / "fp16", identity=RUN,
+        log=lambda *_: None)
+    resumed = json.loads((tmp_path / "fp16" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert resumed["grad_scaler"]["scale"] == 1024.0

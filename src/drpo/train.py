@@ -7,7 +7,7 @@ step, shared with the cost report, which times it through the method's ``measure
 Data order is a pure function of the update index (PromptSchedule): prompts are shuffled once with the
 run seed and cycled, tag by tag when they carry GenEval tags and train.balance_tags is on; the noise set
 of a prompt is its epoch modulo the bank's noise sets. Checkpoints hold the
-LoRA (diffusers format), the optimizer state and the update index, so a killed run resumes from
+LoRA (diffusers format), the optimizer state, the fp16 loss scale and the update index, so a killed run resumes from
 its latest whole checkpoint with exactly the data and state it would have had. The run folder (drpo.run_folder)
 is locked while a trainer writes it and belongs to one identity: other settings start afresh. ``train_done.json``
 is written last; its presence means the run finished.

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from drpo.drift import awr_drift_loss, drpo_objective
+from drpo.features.base import FeatureEncoder
 from drpo.methods.base import Method, PromptBatch
 from drpo.ranking import drop_tied_anchors, select_anchors, zscore
 
@@ -102,7 +103,7 @@ def preference_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor
     return loss.mean()
 
 
-def fresh_anchor_pass(features, settings: DrPOSettings) -> bool:
+def fresh_anchor_pass(features: FeatureEncoder, settings: DrPOSettings) -> bool:
     """Whether the anchors get an encoder call of their own: always for a stochastic encoder (its anchor copy of a
     candidate is then a differently perturbed point, as in the authors' trainers); for a deterministic one unless
     ``share_anchor_features``, since the call would give the candidates' own features again."""

@@ -3,6 +3,10 @@ its edge cases, the refusal of non-differentiable rewards, and short runs throug
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,16 +255,14 @@ def test_vggflow_target_is_reference_plus_scaled_clipped_reward_gradient(tiny_co
     assert logs["clip_threshold"] == 1.0
 
 
-def test_vggflow_threshold_becomes_the_quantile_of_the_update_norms(tiny_config):
+def test_vggflow_threshold_becomes_the_quantile_of_the_last_micro_step_norms(tiny_config):
     generator, reward = _models(tiny_config)
     method = build_method("vggflow", generator, reward, None, tiny_config)
     batches = [_batch(generator, prompt=PROMPTS[i], seed=i) for i in range(3)]
-    norms = []
-    for b in batches[:2]:
-        latents = generator.sample(generator.encode_prompts([b.prompt]), b.noise, adapters=False)
-        _, g = reward_gradient(generator, reward, latents, b.prompt, None, score_scale=100.0, chunk_size=4)
-        norms.append(g.flatten(1).norm(dim=1))
-    expected = torch.quantile(torch.cat(norms), 0.8).item()
+    b = batches[1]  # the update's last micro-step (the original's sync step)
+    latents = generator.sample(generator.encode_prompts([b.prompt]), b.noise, adapters=False)
+    _, g = reward_gradient(generator, reward, latents, b.prompt, None, score_scale=100.0, chunk_size=4)
+    expected = torch.quantile(g.flatten(1).norm(dim=1), 0.8).item()
 
     logs = [method.loss(b)[1] for b in batches[:2]]
     method.end_update()  # the shared loop calls it after the optimizer step
@@ -270,6 +272,26 @@ def test_vggflow_threshold_becomes_the_quantile_of_the_update_norms(tiny_config)
     restored = build_method("vggflow", generator, reward, None, tiny_config)
     restored.load_state_dict(method.state_dict())
     assert restored.clip_threshold == method.clip_threshold == pytest.approx(expected, rel=1e-4)
+
+
+def test_vggflow_threshold_is_one_value_from_the_norms_of_every_process(tiny_config, tmp_path):
+    # Two CPU processes (torchrun, gloo) train two updates of two micro-steps each through the shared loop.
+    config = merge(tiny_config, {"train": {"steps": 2, "prompts_per_step": 4, "candidates": 4, "checkpoint_every": 1}})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    worker = Path(__file__).with_name("vggflow_process.py")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
+                    str(tmp_path / "config.json"), str(tmp_path)], check=True, timeout=600,
+                   env=os.environ | {"OMP_NUM_THREADS": "1"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(len(r["norms"]) == 4 for r in ranks)  # 2 updates x 2 micro-steps in each process
+    assert ranks[0]["norms"][1] != ranks[1]["norms"][1]  # the processes trained different prompts
+    for update in (1, 2):
+        last = torch.tensor([ranks[r]["norms"][2 * update - 1] for r in range(2)]).flatten()
+        expected = torch.quantile(last, 0.8).item()
+        checkpoint = tmp_path / "run" / "checkpoints" / f"checkpoint-{update}"
+        state = json.loads((checkpoint / "training_state.json").read_text())
+        assert state["method_state"]["clip_threshold"] == pytest.approx(expected, rel=1e-6)
+    assert ranks[0]["tau"] == ranks[1]["tau"] == pytest.approx(expected, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------- DRaFT

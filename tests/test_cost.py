@@ -28,7 +28,7 @@ from drpo.methods import build_method
 from drpo.methods.base import COMPONENTS
 from drpo.reference import OnlineReference, build_reference_bank
 from drpo.rewards import PickScoreReward
-from drpo.train import TrainSettings, prompt_batches, update
+from drpo.train import TrainSettings, grad_scaler, prompt_batches, update
 
 from conftest import PROMPTS
 
@@ -163,7 +163,7 @@ def test_draft_streamed_one_candidate_per_backward_gives_the_same_update(tiny_co
     for chunk in (None, 1):
         (method,), settings = _profiled(tiny_config, tiny_cpu_models, ["draft"], candidates_per_backward=chunk)
         logs = update(method, prompt_batches(bank, [(0, 0), (1, 0)], None), params,
-                      torch.optim.SGD(params, lr=1.0), settings)
+                      torch.optim.SGD(params, lr=1.0), grad_scaler(settings, method.generator.device), settings)
         steps.append((torch.cat([(p - s).flatten() for p, s in zip(params, start)]), logs))
         with torch.no_grad():
             for p, s in zip(params, start):

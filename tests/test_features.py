@@ -240,6 +240,18 @@ def test_bf16_input_is_computed_in_fp32(mae_ckpt):
     assert x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
 
 
+def test_features_run_in_fp32_inside_a_mixed_precision_step(mae_ckpt):
+    # The training step autocasts the generator; the encoder must still run in fp32, as the authors' does.
+    path, _ = mae_ckpt
+    feats = LatentMAEFeatures(path, ("layer4_mean", "layer3_std_2"))
+    x = torch.randn(2, 4, 16, 16)
+    ref = feats(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = feats(x)
+    for k in out:
+        torch.testing.assert_close(out[k], ref[k], rtol=0, atol=0)
+
+
 def test_bad_keys_and_patch_sizes(mae_ckpt):
     path, _ = mae_ckpt
     with pytest.raises(ValueError, match=r"unknown feature keys \['layer5_mean'\]"):

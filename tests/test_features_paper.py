@@ -134,6 +134,8 @@ def test_teacher_noise_seed_chunks_and_prompt_broadcast(sdxl):
     c, d = fresh(x, cond=cond), fresh(x, cond=cond)
     assert not torch.allclose(c["mid_block"], d["mid_block"])
     assert not torch.allclose(c["mid_block"], a["mid_block"])
+    # Only fresh noise makes the encoder stochastic (DrPO then calls it again for its anchors).
+    assert fresh.stochastic and not fixed.stochastic and not TeacherUNetFeatures(sdxl, noise_std=0.0).stochastic
 
 
 def test_teacher_uses_base_weights_under_lora_and_checkpointing(folders):
@@ -191,6 +193,7 @@ def test_vit_mae_masking_default_and_disabled(sd, folders):
 
     full = ViTMAEFeatures(sd, folders["vit_mae"], keys=VIT_KEYS + ("layer2_patch",), mask_ratio=0.0, chunk_size=2)
     d, e = full(x), full(x)
+    assert masked.stochastic and not full.stochastic
     assert d["layer2_patch"].shape == (3, 16, 32)
     for k in d:
         torch.testing.assert_close(d[k], e[k], rtol=0, atol=0)

@@ -10,7 +10,7 @@ from drpo.config import checkpoint_steps, merge
 from drpo.drift import AWR_VARIANTS
 from drpo.lora import add_lora
 from drpo.methods import build_method
-from drpo.methods.base import PromptBatch
+from drpo.methods.base import Method, PromptBatch
 from drpo.pipeline import load_models
 from drpo.reference import OnlineReference, ReferenceBank, build_reference_bank
 from drpo.run_folder import latest_checkpoint
@@ -273,3 +273,73 @@ def test_the_perceptual_term_is_the_feature_mse_to_the_frozen_base(tiny_config):
         base = features(reference.float(), cond=cond)
         mse = sum(torch.nn.functional.mse_loss(ours[k], base[k]).item() for k in ours)
     assert mse > 0 and losses[2.0] - losses[0.0] == pytest.approx(2.0 * mse, rel=1e-4)
+
+
+def _encoder_calls(features) -> list[tuple[int, bool]]:
+    """(batch size, with gradient) of each call of the encoder from now on, recorded by a forward hook."""
+    calls = []
+    features.register_forward_hook(lambda module, args, output: calls.append((len(args[0]), torch.is_grad_enabled())))
+    return calls
+
+
+@pytest.mark.parametrize(("encoder", "share", "anchor_calls"), [
+    ("teacher_unet", True, [(2, False), (2, False)]),  # stochastic: its own calls for positives and negatives
+    ("latent_mae", True, []),  # deterministic: the candidates' features, one pass saved
+    ("latent_mae", False, [(2, False), (2, False)]),
+])
+def test_anchor_features_are_fresh_calls_for_a_stochastic_encoder(tiny_config, encoder, share, anchor_calls):
+    features = {"name": "teacher_unet", "checkpoint": None, "keys": ["mid_block"]} if encoder == "teacher_unet" else {}
+    config = merge(tiny_config, {"models": {"features": features}, "drpo": {"share_anchor_features": share}})
+    method, bank = _setup(config)
+    assert method.features.stochastic == (encoder == "teacher_unet")
+    calls = _encoder_calls(method.features)
+    noise, reference = bank.cell(0, 0)
+    loss, _ = method.loss(PromptBatch(PROMPTS[0], noise, reference))
+    assert torch.isfinite(loss)
+    # K = 6 candidates with gradient, then the anchors (num_pos = num_neg = 2), then the base's samples for lambda.
+    assert calls == [(6, True), *anchor_calls, (6, False)]
+
+
+def test_shared_and_fresh_anchor_features_agree_for_a_deterministic_encoder(tiny_config):
+    losses = []
+    for share in (True, False):
+        method, bank = _setup(merge(tiny_config, {"drpo": {"share_anchor_features": share}}))
+        noise, reference = bank.cell(0, 0)
+        losses.append(method.loss(PromptBatch(PROMPTS[0], noise, reference))[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+class _SmallGradient(Method):
+    """A loss whose gradient, 1e-7 x the latents' mean square, rounds to zero in the generator's fp16 activations
+    unless the loss is scaled."""
+
+    name = "small_gradient"
+
+    def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = self.generator
+        return 1e-7 * gen.sample(gen.encode_prompts([batch.prompt]), batch.noise).square().mean(), {}
+
+
+def test_fp16_training_scales_the_loss_so_that_small_gradients_survive(tiny_config, tmp_path):
+    norms = {}
+    for precision in ("no", "fp16"):
+        generator, reward, _ = load_models(tiny_config, features=False)
+        bank = build_reference_bank(generator, PROMPTS, candidates=6, noise_sets=1, seed=0, batch_size=8)
+        settings = TrainSettings.from_config(tiny_config["train"] | {"steps": 2, "mixed_precision": precision}, seed=0)
+        train(_SmallGradient(generator, reward, None), bank, settings, tmp_path / precision, identity=RUN,
+              log=lambda *_: None)
+        records = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        norms[precision] = [r["grad_norm"] for r in records]
+    assert all(n > 0 for n in norms["fp16"]) and norms["fp16"] == pytest.approx(norms["no"], rel=0.05)
+    saved = tmp_path / "fp16" / "checkpoints" / "checkpoint-2" / "training_state.json"
+    state = json.loads(saved.read_text())
+    assert state["grad_scaler"]["scale"] == 2.0**16  # no overflow, so the initial scale
+    # A resume restores the scale (set by hand here to tell it from a fresh scaler's).
+    saved.write_text(json.dumps(state | {"grad_scaler": state["grad_scaler"] | {"scale": 1024.0}}))
+    (tmp_path / "fp16" / "train_done.json").unlink()
+    generator, reward, _ = load_models(tiny_config, features=False)
+    train(_SmallGradient(generator, reward, None), bank, TrainSettings.from_config(
+        tiny_config["train"] | {"steps": 3, "mixed_precision": "fp16"}, seed=0), tmp_path / "fp16", identity=RUN,
+        log=lambda *_: None)
+    resumed = json.loads((tmp_path / "fp16" / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
+    assert resumed["grad_scaler"]["scale"] == 1024.0

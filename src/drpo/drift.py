@@ -22,7 +22,8 @@ and negative anchors Q, anchors weighted by w+ / w-):
 4. The loss regresses ``x / sigma`` onto the frozen target ``sg(x / sigma + F)``; its gradient is
    ``-2 F / (sigma N D)`` per point.
 
-All drift math runs in fp32 (fp64 when the inputs are fp64), also under autocast and for bf16/fp16 inputs.
+All drift math runs in fp32 (fp64 when the inputs are fp64), also under autocast and for bf16/fp16 inputs. The
+features it is given are fp32 computations too: every feature encoder runs with autocast off (drpo.features.base).
 Settings (weights, radii, kernel, λ) have no defaults here; config.yaml holds them.
 """
 

@@ -40,7 +40,7 @@ from drpo.cost.architectures import PROMPT, TINY, build_generator, build_mae, bu
 from drpo.features.base import FeatureEncoder
 from drpo.generators import OneStepGenerator
 from drpo.methods.base import COMPONENTS
-from drpo.methods.drpo import DrPOSettings, preference_loss
+from drpo.methods.drpo import DrPOSettings, fresh_anchor_pass, preference_loss
 from drpo.ranking import select_anchors
 from drpo.rewards import Reward
 
@@ -153,9 +153,12 @@ def micro_step_flops(method: str, models: Models, settings: UpdateShape) -> dict
             _, flops["reward_score"] = count(reward._score, images, prompts, None)
         (positives, negatives), flops["rank_select"] = count(select_anchors, torch.randn(1, k), s.num_pos, s.num_neg)
         feats, flops["features"] = count(models.features, latents.float(), cond=cond)
-        if s.reference_loss_weight or s.feature_l2_weight:
-            with torch.no_grad():
+        with torch.no_grad():
+            if s.reference_loss_weight or s.feature_l2_weight:
                 flops["features"] += count(models.features, reference.float(), cond=cond)[1]
+            if fresh_anchor_pass(models.features, s):  # FLOPs depend on the anchors' count only
+                anchors = latents.detach()[: positives.shape[1] + negatives.shape[1]].float()
+                flops["features"] += count(models.features, anchors, cond=cond)[1]
         shapes = tuple((k, tuple(v.shape)) for k, v in feats.items())
         flops["loss"] = _drpo_loss_flops(shapes, positives.shape[1], negatives.shape[1], s)
         _, flops["backward"] = count(lambda: sum(v.sum() for v in feats.values()).backward())

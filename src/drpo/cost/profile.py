@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from drpo.methods.base import COMPONENTS, Method, unmeasured
 from drpo.reference import ReferenceSource
-from drpo.train import TrainSettings, optimizer_for, prompt_batches, update
+from drpo.train import TrainSettings, grad_scaler, optimizer_for, prompt_batches, update
 
 
 class SectionTimer:
@@ -90,10 +90,11 @@ def profile_updates(methods: Sequence[Method], params: list[torch.nn.Parameter],
     device = methods[0].generator.device
     cuda = device.type == "cuda"
     optimizers = [optimizer_for(params, settings) for _ in methods]
+    scalers = [grad_scaler(settings, device) for _ in methods]
     rows = []
     for step in range(warmup + updates):
         cells = update_cells(step, settings.prompts_per_step, len(source.prompts))
-        for run, (method, optimizer) in enumerate(zip(methods, optimizers)):
+        for run, (method, optimizer, scaler) in enumerate(zip(methods, optimizers, scalers)):
             timer = SectionTimer(device)
             batches = prompt_batches(source, cells, metadata, timer if online_reference else unmeasured)
             if not online_reference:
@@ -104,7 +105,7 @@ def profile_updates(methods: Sequence[Method], params: list[torch.nn.Parameter],
             try:
                 timer.sync()
                 began = time.perf_counter()
-                logs = update(method, batches, params, optimizer, settings)
+                logs = update(method, batches, params, optimizer, scaler, settings)
                 timer.sync()
                 total = time.perf_counter() - began
             finally:

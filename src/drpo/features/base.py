@@ -1,9 +1,9 @@
 """The interface of the frozen feature encoders, `FeatureEncoder`, and the feature-key grammar.
 
 An encoder maps latents (N, C, H, W) to a dict of token sets key -> (N, T, D): it has a fixed tuple of `keys`,
-a differentiable `__call__` that runs in fp32, and frozen parameters. A subclass names its feature maps
-(N, C, H, W) in `map_names` and computes them in `maps()`; `FeatureEncoder` chunks the batch and turns the maps
-into the keys' token sets with `feature_head`.
+a differentiable `__call__` that runs in fp32 (autocast off, whatever the training's mixed precision), and frozen
+parameters. A subclass names its feature maps (N, C, H, W) in `map_names` and computes them in `maps()`;
+`FeatureEncoder` chunks the batch and turns the maps into the keys' token sets with `feature_head`.
 
 Feature keys follow the grammar ``<map>_<stat>[_<p>]`` over the encoder's named feature maps
 (N, C, H, W):
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from collections.abc import Sequence
 
 import torch
@@ -84,6 +85,9 @@ class FeatureEncoder(nn.Module, ABC):
     #: What this encoder's map names look like (a regular expression), known before any model is loaded: a key
     #: whose map cannot match is refused when the config is read; a built encoder checks its real maps.
     map_pattern: str = r".+"
+    #: Whether two calls on the same latents give different features (fresh noise or a random mask per call):
+    #: DrPO then calls the encoder again for its anchors, as the authors' trainers do (drpo.methods.drpo).
+    stochastic: bool = False
 
     @classmethod
     def impossible_keys(cls, keys: Sequence[str]) -> list[str]:
@@ -121,7 +125,8 @@ class FeatureEncoder(nn.Module, ABC):
         """fp32 latents (N, C, H, W) -> {map name: (N, C', H', W')}."""
 
     def forward(self, latents: Tensor, cond: PromptEmbedding | None = None) -> dict[str, Tensor]:
-        """(N, C, H, W) any float dtype -> {key: (N, T, D) float32}; computed in fp32, in chunks of `chunk_size`.
+        """(N, C, H, W) any float dtype -> {key: (N, T, D) float32}; computed in fp32 (also inside an autocast
+        region), in chunks of `chunk_size`.
 
         cond: prompt conditioning, one per latent or one for all; required when `needs_condition`, else ignored.
         """
@@ -139,10 +144,15 @@ class FeatureEncoder(nn.Module, ABC):
             raise ValueError(f"{len(cond)} prompt embeddings for {x.shape[0]} latents (need equal counts or 1)")
         chunks = x.split(self.chunk_size) if self.chunk_size else (x,)
         parts, start = [], 0
-        for chunk in chunks:
-            part_cond = cond if cond is None or len(cond) == 1 else cond[start : start + len(chunk)]
-            parts.append(self._features(chunk, part_cond))
-            start += len(chunk)
+        # Outside the training step's autocast: the authors' extractor runs in fp32 whatever the mixed precision
+        # (the cost report's meta tensors have no autocast to leave).
+        device = x.device.type
+        fp32 = torch.autocast(device_type=device, enabled=False) if torch.amp.is_autocast_available(device) else None
+        with fp32 or nullcontext():
+            for chunk in chunks:
+                part_cond = cond if cond is None or len(cond) == 1 else cond[start : start + len(chunk)]
+                parts.append(self._features(chunk, part_cond))
+                start += len(chunk)
         return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in self.keys}
 
     def _features(self, x: Tensor, cond: PromptEmbedding | None) -> dict[str, Tensor]:

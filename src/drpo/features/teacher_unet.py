@@ -116,6 +116,10 @@ class TeacherUNetFeatures(FeatureEncoder):
     def map_names(self) -> tuple[str, ...]:
         return self.keys
 
+    @property
+    def stochastic(self) -> bool:
+        return self.fixed_noise_seed is None and self.noise_std > 0
+
     def forward(self, latents: Tensor, cond: PromptEmbedding | None = None) -> dict[str, Tensor]:
         if latents.ndim == 4:
             x = latents.float()

@@ -163,6 +163,10 @@ class ViTMAEFeatures(_ViTImageFeatures):
         side = self.model.config.image_size
         self.interpolate_pos_encoding = self.image_size != (side, side)
 
+    @property
+    def stochastic(self) -> bool:
+        return self.mask_ratio > 0
+
     def hidden_states(self, pixels: Tensor) -> tuple[Tensor, ...]:
         noise = None
         if self.mask_ratio == 0:

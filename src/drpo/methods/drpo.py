@@ -6,6 +6,11 @@ the bottom ``num_neg`` negative anchors; embed candidates, anchors and the froze
 for the same noises in a frozen feature space φ; regress φ(x) onto sg(φ(x) + V) where
 V = V_pref + λ·V_ref (drpo.drift.drpo_objective).
 
+The anchors' features come from an encoder call of their own when the encoder is stochastic (teacher_unet's fresh
+noise, vit_mae's random mask): as in the authors' trainers, an anchor is then a differently perturbed copy of its
+candidate. A deterministic encoder's anchors are the candidates' own features, detached, unless
+``share_anchor_features`` is off (the same values, one encoder pass saved).
+
 With ``rollout_rounds > 0`` the anchors come from a pass/fail reward instead (spec 2.10, the paper's
 GenEval-reward trainer): up to ``rollout_rounds`` batches of K candidates are drawn without gradient
 until ``num_pos`` passing and ``num_neg`` failing noises are pooled; the passing ones are re-generated
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from drpo.drift import awr_drift_loss, drpo_objective
+from drpo.features.base import FeatureEncoder
 from drpo.methods.base import Method, PromptBatch
 from drpo.ranking import drop_tied_anchors, select_anchors, zscore
 
@@ -62,6 +68,7 @@ class DrPOSettings:
     feature_l2_weight: float
     objective: str
     awr: AWRSettings
+    share_anchor_features: bool
 
 
 def preference_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor],
@@ -94,6 +101,24 @@ def preference_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor
         ref_radii=s.reference_radii, kernel=s.kernel, aggregation=s.aggregation,
     )
     return loss.mean()
+
+
+def fresh_anchor_pass(features: FeatureEncoder, settings: DrPOSettings) -> bool:
+    """Whether the anchors get an encoder call of their own: always for a stochastic encoder (its anchor copy of a
+    candidate is then a differently perturbed point, as in the authors' trainers); for a deterministic one unless
+    ``share_anchor_features``, since the call would give the candidates' own features again."""
+    return features.stochastic or not settings.share_anchor_features
+
+
+def anchor_features(method: Method, settings: DrPOSettings, latents: torch.Tensor,
+                    generated: Mapping[str, torch.Tensor], cond, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The detached features {key: (A, T, D)} of the candidates ``indices`` (A,) as anchors: a call of the encoder
+    on their latents (``cond``: one conditioning per candidate) or, where :func:`fresh_anchor_pass` says no, their
+    rows of the generated features {key: (K, T, D)}."""
+    if not fresh_anchor_pass(method.features, settings):
+        return {name: value.detach()[indices] for name, value in generated.items()}
+    with method.measure("features"), torch.no_grad():
+        return method.features(latents.detach()[indices].float(), cond=cond[indices])
 
 
 def reward_weighted_loss(settings: DrPOSettings, generated: Mapping[str, torch.Tensor],
@@ -184,10 +209,11 @@ class DrPO(Method):
         }
         with measure("features"):
             generated = self.features(latents.float(), cond=cond)
-        # Anchors are the candidates' own features, detached (no second encoder pass).
         pos, neg = pos.to(latents.device), neg.to(latents.device)
-        negatives = {name: value.detach()[neg] for name, value in generated.items()}
-        return drpo_loss(self, s, latents, generated, reference, cond, pos, negatives), logs
+        if len(pos) == 0:  # every anchor tied: no anchor features are needed
+            return drpo_loss(self, s, latents, generated, reference, cond, pos, {}), logs
+        positives, negatives = (anchor_features(self, s, latents, generated, cond, index) for index in (pos, neg))
+        return drpo_loss(self, s, latents, generated, reference, cond, positives, negatives), logs
 
     def _reward_weighted_loss(self, latents, reference, cond, scores) -> tuple[torch.Tensor, dict[str, float]]:
         s, measure = self.settings, self.measure
@@ -242,7 +268,8 @@ class DrPO(Method):
         with measure("features"):
             generated = self.features(latents.float(), cond=pos_cond)
         every = torch.arange(len(positives), device=latents.device)
-        return drpo_loss(self, s, latents, generated, reference, pos_cond, every, negative_features), logs
+        anchors = anchor_features(self, s, latents, generated, pos_cond, every)
+        return drpo_loss(self, s, latents, generated, reference, pos_cond, anchors, negative_features), logs
 
 
 def _subsample(pool: list[torch.Tensor], cap: int) -> torch.Tensor:

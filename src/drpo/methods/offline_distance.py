@@ -6,9 +6,10 @@ Per row of the dataset: K candidates of the current generator for the prompt; wi
 the candidates and of the row's chosen and rejected latents; :func:`distance_scores` scores every candidate; the top
 ``num_pos`` are positive anchors and the bottom ``num_neg`` negative anchors (disjoint); the gradient flows through
 the top ``top_fraction`` of the candidates minus the negatives (drpo.ranking.feature_subset); ``data_anchors``
-appends the chosen and rejected features to the anchor sets. The loss is online DrPO's (drpo_loss with the drpo
-section's weights, radii, kernel, aggregation, λ and latent L2; the reference drift for the candidates in the
-gradient set). No reward model.
+appends the chosen and rejected features to the anchor sets. The candidates' anchor features are taken as online
+DrPO takes them (drpo.methods.drpo.anchor_features: a call of their own for a stochastic encoder). The loss is
+online DrPO's (drpo_loss with the drpo section's weights, radii, kernel, aggregation, λ and latent L2; the reference
+drift for the candidates in the gradient set). No reward model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from drpo.methods.base import Method, PromptBatch
-from drpo.methods.drpo import DrPOSettings, drpo_loss
+from drpo.methods.drpo import DrPOSettings, anchor_features, drpo_loss
 from drpo.methods.offline import binary_objective_problems
 from drpo.ranking import feature_subset, select_anchors, zscore
 
@@ -112,8 +113,8 @@ class OfflineDistanceDrPO(Method):
                                      combine=s.combine)
             pos, neg = (index[0] for index in select_anchors(scores.view(1, k), s.num_pos, s.num_neg))
             subset = feature_subset(scores, s.top_fraction, neg).to(latents.device)
-        positives = {key: value.detach()[pos] for key, value in features.items()}
-        negatives = {key: value.detach()[neg] for key, value in features.items()}
+        positives, negatives = (anchor_features(self, self.shared["drpo"], latents, features, cond, index)
+                                for index in (pos.to(latents.device), neg.to(latents.device)))
         if s.data_anchors:
             positives = {key: torch.cat([value, data_chosen[key]]) for key, value in positives.items()}
             negatives = {key: torch.cat([value, data_rejected[key]]) for key, value in negatives.items()}

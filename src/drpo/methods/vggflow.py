@@ -6,9 +6,9 @@ clipped to norm at most τ; the target is x*_k = x_ref,k + η·λ·clip(g_k) wit
 constant η mode, the only one its recipe uses) and λ the reward scale; loss = mean_k,d (x_k − sg(x*_k))².
 
 τ starts at ``clip_threshold`` and after every optimizer update (the shared loop calls
-:meth:`VGGFlow.end_update`) becomes the ``clip_quantile`` quantile of the unclipped norms ‖g_k‖ this
-process saw during that update (the original gathers the last micro-step's norms of every process at each
-sync step). τ is training state: see :meth:`VGGFlow.state_dict`. No value network, no multi-step flow.
+:meth:`VGGFlow.end_update` in every process) becomes the ``clip_quantile`` quantile of the unclipped norms ‖g_k‖
+of the update's last micro-step, gathered over all processes, as the original does at each sync step: one τ
+in every process. τ is training state: see :meth:`VGGFlow.state_dict`. No value network, no multi-step flow.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from drpo.methods.base import Measure, Method, PromptBatch, unmeasured
 
@@ -75,13 +76,21 @@ class VGGFlow(Method):
     def __init__(self, generator, reward, settings: VGGFlowSettings, features=None) -> None:
         super().__init__(generator, reward, settings, features)
         self.clip_threshold = settings.clip_threshold
-        self._norms: list[torch.Tensor] = []
+        self._last_norms: torch.Tensor | None = None  # ‖g_k‖ of the latest micro-step (K,)
 
     def end_update(self) -> None:
-        """τ becomes the ``clip_quantile`` quantile of the gradient norms seen during the update."""
-        if self._norms:
-            self.clip_threshold = torch.quantile(torch.cat(self._norms), self.settings.clip_quantile).item()
-            self._norms = []
+        """τ becomes the ``clip_quantile`` quantile of the last micro-step's gradient norms of every process."""
+        norms = self._last_norms
+        if norms is None:
+            return
+        if dist.is_initialized():
+            # Every process holds K norms; the gather runs on the training device (NCCL needs CUDA tensors).
+            local = norms.to(self.generator.device)
+            gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local)
+            norms = torch.cat(gathered).cpu()
+        self.clip_threshold = torch.quantile(norms, self.settings.clip_quantile).item()
+        self._last_norms = None
 
     def state_dict(self) -> dict[str, float]:
         """The running clip threshold τ (saved with a checkpoint, taken at an update boundary)."""
@@ -89,7 +98,7 @@ class VGGFlow(Method):
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.clip_threshold = float(state["clip_threshold"])
-        self._norms = []
+        self._last_norms = None
 
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
         s, gen, measure = self.settings, self.generator, self.measure
@@ -107,7 +116,7 @@ class VGGFlow(Method):
                                     threshold=threshold)
             loss = (latents - target).square().mean()
         norms = gradient.flatten(1).norm(dim=1).cpu()
-        self._norms.append(norms)
+        self._last_norms = norms
         logs = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std(unbiased=False).item(),

@@ -92,15 +92,16 @@ def test_verdicts_follow_the_papers_ordering_beyond_the_seed_spread():
 
 def test_paper_vs_ours_reads_the_tables_present_and_marks_the_rest_not_run(tmp_path):
     metrics = {"reward": (50.0, 1.0), "reward_heldout": (60.0, 0.5), "geneval_overall": (40.0, 0.1)}
-    rows = [{"method": method, **{m: value + offset for m, (value, _) in metrics.items()},
+    rows = [{"method": method, "seeds": seeds, **{m: value + offset for m, (value, _) in metrics.items()},
              **{f"{m}_std": std for m, (_, std) in metrics.items()}}
-            for method, offset in (("base", 0.0), ("drpo", 5.0))]
+            for method, offset, seeds in (("base", 0.0, 1), ("drpo", 5.0, 3))]
     pd.DataFrame(rows).to_csv(tmp_path / "summary.csv", index=False)
     table = write_comparison(tmp_path, "miniature", tmp_path / "paper_vs_ours.md")
     assert len(table) == len(FINDINGS)
     drpo_vs_base = table[(table["paper: higher > lower"] == "DrPO > base") & (table["our metric"].str.startswith(
         "target"))].iloc[0]
     assert drpo_vs_base["ours"] == "55.00 vs 50.00" and drpo_vs_base["verdict"] == "agrees"
+    assert drpo_vs_base["our seeds"] == 3  # DrPO's training seeds, not the untrained base's single row
     assert (table["topic"] == "kernel").sum() and set(table.loc[table["topic"] == "kernel", "verdict"]) == {
         "not run (ablation_kernel)"}
     assert "Verdicts:" in (tmp_path / "paper_vs_ours.md").read_text()

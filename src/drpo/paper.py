@@ -121,7 +121,8 @@ def compare(tables_dir: str | Path, setting: str) -> pd.DataFrame:
         delta = float(high[finding.metric] - low[finding.metric])
         spread = float((high.get(f"{finding.metric}_std", 0.0) ** 2 + low.get(f"{finding.metric}_std", 0.0) ** 2)
                        ** 0.5)
-        seeds = int(min(high.get("seeds", 1), low.get("seeds", 1)))
+        # The trained rows' training seeds: the base row is one untrained generator, listed with 1 seed.
+        seeds = int(max(high.get("seeds", 1), low.get("seeds", 1)))
         rows.append(row | {"ours": f"{high[finding.metric]:.2f} vs {low[finding.metric]:.2f}",
                            "ours Δ": round(delta, 2), "our seeds": seeds,
                            "verdict": verdict(finding.paper_higher - finding.paper_lower, delta, spread)})

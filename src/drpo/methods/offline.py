@@ -42,6 +42,30 @@ def binary_objective_problems(config: dict, method: str) -> list[str]:
     return problems
 
 
+def candidates_and_data_features(method: Method, batch: PromptBatch):
+    """What both offline DrPO modes start from: the prompt's K candidates of the current generator and their
+    features, with gradient, and the detached features of the row's chosen and rejected latents.
+
+    Returns (prompt, cond, latents, features, chosen_features, rejected_features): the prompt's conditioning once
+    and repeated K times, latents (K, C, H, W), and feature dicts {key: (K | P | M, T, D)}.
+    """
+    gen, measure = method.generator, method.measure
+    chosen, rejected = method.preference_pair(batch)
+    k = batch.noise.shape[0]
+    with measure("text_encode"):
+        prompt = gen.encode_prompts([batch.prompt])
+        cond = prompt.repeat_interleave(k)
+    with measure("student_generate"):
+        latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
+    with measure("features"):
+        features = method.features(latents.float(), cond=cond)
+        with torch.no_grad():  # one call for both (GroupNorm cannot normalise a lone 1x1 map)
+            data = method.features(torch.cat([chosen, rejected]), cond=prompt)
+    chosen_features = {key: value[: len(chosen)] for key, value in data.items()}
+    rejected_features = {key: value[len(chosen):] for key, value in data.items()}
+    return prompt, cond, latents, features, chosen_features, rejected_features
+
+
 class OfflineDrPO(Method):
     name = "offline"
     settings_class = OfflineSettings
@@ -54,20 +78,7 @@ class OfflineDrPO(Method):
         return binary_objective_problems(config, cls.name)
 
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        gen, measure = self.generator, self.measure
-        chosen, rejected = self.preference_pair(batch)
-        k = batch.noise.shape[0]
-        with measure("text_encode"):
-            prompt = gen.encode_prompts([batch.prompt])
-            cond = prompt.repeat_interleave(k)
-        with measure("student_generate"):
-            latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
-        with measure("features"):
-            generated = self.features(latents.float(), cond=cond)
-            with torch.no_grad():  # one call for both (GroupNorm cannot normalise a lone 1x1 map)
-                data = self.features(torch.cat([chosen, rejected]), cond=prompt)
-        positives = {key: value[: len(chosen)] for key, value in data.items()}
-        negatives = {key: value[len(chosen):] for key, value in data.items()}
+        _, cond, latents, generated, positives, negatives = candidates_and_data_features(self, batch)
         loss = drpo_loss(self, self.shared["drpo"], latents, generated, batch.reference.to(latents.device), cond,
                          positives, negatives)
-        return loss, {"chosen": float(len(chosen)), "rejected": float(len(rejected))}
+        return loss, {"chosen": float(len(batch.chosen)), "rejected": float(len(batch.rejected))}

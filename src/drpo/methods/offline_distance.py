@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from drpo.methods.base import Method, PromptBatch
-from drpo.methods.drpo import DrPOSettings, anchor_features, drpo_loss
-from drpo.methods.offline import binary_objective_problems
+from drpo.methods.base import PromptBatch
+from drpo.methods.drpo import anchor_features, drpo_loss
+from drpo.methods.offline import OfflineDrPO, candidates_and_data_features
 from drpo.ranking import feature_subset, select_anchors, zscore
 
 DISTANCES = ("mean", "min")
@@ -80,34 +80,19 @@ def _reduce(values: torch.Tensor, how: str) -> torch.Tensor:
     return {"mean": values.mean, "min": values.amin, "max": values.amax}[how](dim=1)
 
 
-class OfflineDistanceDrPO(Method):
+class OfflineDistanceDrPO(OfflineDrPO):
+    """Offline DrPO's second mode: the same data, shared settings and config checks, its own anchors."""
+
     name = "offline_distance"
     settings_class = OfflineDistanceSettings
-    needs_reward_gradient = False
-    uses_preference_data = True
-    shared_settings = {"drpo": DrPOSettings}
-
-    @classmethod
-    def config_problems(cls, config: dict) -> list[str]:
-        return binary_objective_problems(config, cls.name)
 
     def loss(self, batch: PromptBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        s, gen, measure = self.settings, self.generator, self.measure
-        chosen, rejected = self.preference_pair(batch)
+        s, measure = self.settings, self.measure
         k = batch.noise.shape[0]
         if s.num_pos + s.num_neg > k:
             raise ValueError(f"offline_distance.num_pos ({s.num_pos}) + num_neg ({s.num_neg}) exceeds K ({k})")
-        with measure("text_encode"):
-            prompt = gen.encode_prompts([batch.prompt])
-            cond = prompt.repeat_interleave(k)
-        with measure("student_generate"):
-            latents = gen.sample(cond, batch.noise.to(gen.device, gen.dtype))
-        with measure("features"):
-            features = self.features(latents.float(), cond=cond)  # with gradient; a subset of it is trained
-            with torch.no_grad():
-                data = self.features(torch.cat([chosen, rejected]), cond=prompt)
-        data_chosen = {key: value[: len(chosen)] for key, value in data.items()}
-        data_rejected = {key: value[len(chosen):] for key, value in data.items()}
+        # features keep their gradient: a subset of the candidates is trained.
+        prompt, cond, latents, features, data_chosen, data_rejected = candidates_and_data_features(self, batch)
         with measure("rank_select"):
             scores = distance_scores(features, data_chosen, data_rejected, distance=s.distance, score=s.score,
                                      combine=s.combine)

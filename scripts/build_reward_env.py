@@ -57,10 +57,11 @@ def main() -> None:
     python = args.python or shutil.which(f"python{version}")
     if python is None:
         raise SystemExit(f"envs/{args.name}.yaml needs Python {version}: no python{version} on PATH (pass --python)")
-    found = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], check=True,
-                           capture_output=True, text=True).stdout.strip()
-    if found != version:
-        raise SystemExit(f"{python} is Python {found}; envs/{args.name}.yaml needs {version}")
+    probe = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True)  # a pyenv shim of an inactive version fails here
+    if probe.returncode or probe.stdout.strip() != version:
+        raise SystemExit(f"{python} is not a working Python {version} ({(probe.stdout + probe.stderr).strip()[:200]}); "
+                         f"envs/{args.name}.yaml needs {version}: pass --python")
 
     start = time.monotonic()
     subprocess.run([python, "-m", "venv", str(target)], check=True)

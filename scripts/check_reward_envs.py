@@ -98,10 +98,10 @@ def start(reward: str, python: Path, files: dict, device: str):
     return built, time.monotonic() - began
 
 
-def first_line(error: Exception, marker: str) -> str:
-    """The line of a WorkerError message that holds `marker` (the worker's own message), shortened."""
+def worker_message(error: Exception, marker: str) -> str:
+    """The worker's own message in a WorkerError: its first line from `marker` on (or the error's first line)."""
     line = next((line for line in str(error).splitlines() if marker in line), str(error).splitlines()[0])
-    return line[line.index(marker):][:240] if marker in line else line[:240]
+    return line[line.index(marker):][:200] if marker in line else line[:200]
 
 
 def check(name: str, spec: dict, args: argparse.Namespace) -> dict:
@@ -118,7 +118,7 @@ def check(name: str, spec: dict, args: argparse.Namespace) -> dict:
             start(spec["reward"], python, placeholders(spec["reward"], args.scratch), args.device)[0].close()
             return row | {"result": "started on CPU although it needs CUDA: FAILED"}
         except WorkerError as error:
-            return row | {"result": "imports; refuses CPU: " + first_line(error, "could not load its model: ")}
+            return row | {"result": "imports; refuses CPU: " + worker_message(error, "RuntimeError")}
     if not spec["weights"]:
         return row | {"result": "built; no random weights can be made for it yet (scripts/random_reward_weights.py)"}
 
@@ -143,7 +143,7 @@ def check(name: str, spec: dict, args: argparse.Namespace) -> dict:
         start(spec["reward"], python, made["files"] | made["broken"], args.device)[0].close()
         row["refuses_bad_weights"] = "NO: a file of none of the model's tensors was accepted"
     except WorkerError as error:
-        row["refuses_bad_weights"] = first_line(error, "WeightsMismatch")
+        row["refuses_bad_weights"] = worker_message(error, "WeightsMismatch")
     refused = row["refuses_bad_weights"].startswith("WeightsMismatch")
     ok = row["finite"] and row["stable"] and row["distinct"] and refused
     return row | {"result": "ok" if ok else "FAILED"}

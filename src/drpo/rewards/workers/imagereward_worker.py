@@ -2,8 +2,8 @@
 
 Loads THUDM's ImageReward v1.0 from local files only and answers with the package's normalised reward per image.
 The package's BLIP always asks transformers for the `bert-base-uncased` tokenizer by hub name (ImageReward
-issue #28); that one name is redirected to the local `--tokenizer` folder. The checkpoint must hold every tensor
-that the score uses.
+issue #28); that one name is redirected to the local `--tokenizer` folder. The checkpoint must hold the model's
+tensors (ImageReward's training code builds the same modules as the package, so its release holds exactly these).
 """
 
 import argparse

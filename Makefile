@@ -22,6 +22,11 @@ $(VENV)/.installed-slurm: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,slurm]'
 	touch $@
 
+# A reward worker's environment envs/.<name> from envs/<name>.yaml (hpsv2, imagereward, hpsv3): a venv with the
+# yaml's python and pip pins, 5-6 GB each (PyPI's torch is the CUDA build); docs/reward-envs.md.
+reward-env-%: setup
+	$(BIN)/python scripts/build_reward_env.py $*
+
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
 

@@ -5,6 +5,7 @@ malformed output, error replies, startup failures; crashed workers restart on ne
 """
 
 import gc
+import re
 import sys
 import textwrap
 
@@ -63,12 +64,29 @@ def test_bad_replies_fail_the_call_but_keep_the_worker(brightness):
     with pytest.raises(WorkerError, match=r"'mean_brightness'.*failed in the worker: ValueError: asked to fail") as err:
         brightness.score(_images(2), ["a", "!error"])
     assert command in str(err.value)
+    # the worker's traceback tail, down to the line that raised, is in the error the trainer sees
+    assert re.search(r"(?s)worker traceback \(last lines\):\n.*mean_brightness_worker.py.*in score\n"
+                     r".*raise ValueError\(\"asked to fail\"\)\nValueError: asked to fail$", str(err.value))
     with pytest.raises(WorkerError, match=r"non-finite scores at indices \[1\].*refusing to rank"):
         brightness.score(_images(2), ["a", "!nan"])
     with pytest.raises(WorkerError, match="returned 1 scores for 2 images"):
         brightness.score(_images(2), ["a", "!count"])
     assert brightness._proc.pid == pid
     torch.testing.assert_close(brightness.score(_images(2), ["a", "b"]), _expected(_images(2)))
+
+
+def test_error_reply_traceback_is_optional_and_trimmed():
+    """A third-party worker may send no traceback, or a long one: the error keeps its last lines only."""
+    reply = ("for i, line in enumerate(sys.stdin):\n"
+             "    tb = None if i == 0 else '\\n'.join(f'frame {k}' for k in range(100))\n"
+             "    print(json.dumps({'id': json.loads(line)['id'], 'error': 'E: no', 'traceback': tb}), flush=True)")
+    with WorkerReward(_inline(reply), timeout_s=5) as reward:
+        with pytest.raises(WorkerError, match=r"failed in the worker: E: no$"):
+            reward.score(_images(1), ["a"])
+        with pytest.raises(WorkerError) as err:
+            reward.score(_images(1), ["a"])
+    tail = str(err.value).split("worker traceback (last lines):\n")[1].splitlines()
+    assert tail == [f"frame {k}" for k in range(80, 100)]
 
 
 def test_crash_reports_exit_code_and_stderr_then_restarts(brightness):

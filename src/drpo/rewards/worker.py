@@ -10,7 +10,7 @@ the official HPSv3: transformers 4.45) runs as a worker in its own environment (
 
     worker -> {"ready": true, "protocol": 1, "name": "imagereward", "version": "1.5"}     first line (handshake)
     client -> {"id": 7, "prompts": [...], "images": [base64 PNG, ...], "metadata": [...] or null}
-    worker -> {"id": 7, "scores": [...]}   or   {"id": 7, "error": "..."}
+    worker -> {"id": 7, "scores": [...]}   or   {"id": 7, "error": "...", "traceback": "..." (optional)}
     client closes stdin -> worker exits 0
 
 One JSON object per line on stdin/stdout; stdout carries nothing else, stderr is the worker's log. Images are
@@ -23,8 +23,8 @@ Lifecycle and failures (never a guessed score; every error names the reward and 
   killed), a line that is not JSON, or a reply to another request id: the worker is stopped and WorkerError is
   raised. The next call starts a fresh worker, at most `max_restarts` times over the reward's life; after that
   every call fails at once with the last error.
-- An error reply, the wrong number of scores, or non-numeric / non-finite scores: WorkerError for that call;
-  the worker, still in step with the client, stays up.
+- An error reply (its message and the worker's traceback tail go into the error), the wrong number of scores, or
+  non-numeric / non-finite scores: WorkerError for that call; the worker, still in step with the client, stays up.
 - `close()` (also `with reward:`, garbage collection and interpreter exit) closes stdin, waits
   `shutdown_timeout_s`, then kills the process group. A closed reward restarts its worker on next use.
 """
@@ -283,7 +283,8 @@ class WorkerReward(Reward):
 
         reply = self._read_message(f"reply to request {request_id}", self.timeout_s)
         if "error" in reply and reply.get("id") in (request_id, None):
-            raise WorkerError(f"{self._who()}: request {request_id} failed in the worker: {reply['error']}")
+            raise WorkerError(f"{self._who()}: request {request_id} failed in the worker: {reply['error']}"
+                              + _traceback_note(reply.get("traceback")))
         if reply.get("id") != request_id:
             self._fail(f"reply id {reply.get('id')!r} does not match request id {request_id}")
         scores = reply.get("scores")
@@ -325,6 +326,14 @@ class WorkerReward(Reward):
             scores += self._request(prompts[start:end], pixels[start:end],
                                     None if metadata is None else list(metadata[start:end]))
         return torch.tensor(scores, dtype=torch.float64).float()
+
+
+def _traceback_note(tail: object) -> str:
+    """The worker's traceback tail of an error reply (optional in the protocol), for the error we raise."""
+    if not tail:
+        return ""
+    lines = str(tail).splitlines()[-STDERR_TAIL_LINES:]  # a third-party worker may send a whole traceback
+    return "\nworker traceback (last lines):\n" + "\n".join(lines)
 
 
 def _worker_command(python: str | os.PathLike | Sequence[str], script: str, *args: str | os.PathLike) -> list[str]:

@@ -4,7 +4,8 @@ Runs the official judge of djghosh13/geneval (`evaluation/evaluate_images.py` of
 Swin-S (mmdet 2.x) detection, CLIP ViT-L-14 colour classification, GenEval's rules. That script sets its models
 and thresholds as globals in `__main__`; this worker imports it and sets the same globals, with local weights
 and GenEval's defaults (confidence 0.3, 0.9 for counting, 16 objects per class, no NMS, position margin 0.1).
-Score per image: 1.0 if GenEval judges it correct, else 0.0. Each image needs its GenEval metadata row.
+Score per image: 1.0 if GenEval judges it correct, else 0.0. Each image needs its GenEval metadata row. Both weights
+files must hold exactly their model's tensors.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from protocol import serve
+from weights import check_weights
 
 DETECTOR = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco"
 
@@ -30,6 +32,7 @@ def load(args):
     os.environ["HF_HUB_OFFLINE"] = "1"
     import mmdet
     import open_clip
+    import torch
     from mmdet.apis import init_detector
 
     evaluation = Path(args.geneval_dir) / "evaluation"
@@ -40,10 +43,19 @@ def load(args):
     config = args.detector_config or detector_config(Path(mmdet.__file__).parent)
     geneval.args = argparse.Namespace(options={})  # read by its ImageCrops (background colour, cropping)
     geneval.DEVICE = args.device
-    geneval.object_detector = init_detector(str(config), args.detector_checkpoint, device=args.device)
+    # mmcv's loader (init_detector with a checkpoint) only logs mismatched keys; load here and check instead.
+    geneval.object_detector = init_detector(str(config), None, device=args.device)
+    checkpoint = torch.load(args.detector_checkpoint, map_location="cpu")
+    state = {key[len("module."):] if key.startswith("module.") else key: value  # as mmcv strips a DDP prefix
+             for key, value in checkpoint.get("state_dict", checkpoint).items()}
+    check_weights(args.detector_checkpoint, *geneval.object_detector.load_state_dict(state, strict=False))
+    # OpenAI's CLIP uses QuickGELU, which open_clip applies by itself only for pretrained="openai", not for a file.
     geneval.clip_model, _, geneval.transform = open_clip.create_model_and_transforms(
-        "ViT-L-14", pretrained=args.clip_checkpoint, device=args.device
+        "ViT-L-14", force_quick_gelu=True, device=args.device
     )
+    check_weights(args.clip_checkpoint, *open_clip.load_checkpoint(geneval.clip_model, args.clip_checkpoint,
+                                                                   strict=False))
+    geneval.clip_model.eval()
     geneval.tokenizer = open_clip.get_tokenizer("ViT-L-14")
     geneval.classnames = (evaluation / "object_names.txt").read_text().split("\n")
     geneval.classnames = [name.strip() for name in geneval.classnames if name.strip()]

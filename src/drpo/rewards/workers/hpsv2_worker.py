@@ -1,7 +1,8 @@
 """HPSv2 worker (environment: envs/hpsv2.yaml; client: drpo.rewards.worker.HPSv2Worker).
 
 HPSv2.0 = open_clip ViT-H-14 built from the local laion2B-s32B-b79K weights, then HPS_v2_compressed.pt loaded
-over it. Score = cosine similarity of the normalised image and text embeddings (no logit scale), computed under
+over it; each file must hold exactly the model's tensors (no allow-list: HPSv2's own score.py loads its checkpoint
+strictly). Score = cosine similarity of the normalised image and text embeddings (no logit scale), computed under
 autocast as the hpsv2 package does. The hpsv2 package itself is not used: it downloads at init and its wheel lacks
 the tokenizer vocabulary (HPSv2 issues #16, #30); open_clip ships the same architecture and tokenizer.
 """
@@ -10,6 +11,7 @@ import argparse
 import os
 
 from protocol import serve
+from weights import check_weights
 
 
 def load(args):
@@ -17,15 +19,13 @@ def load(args):
     import open_clip
     import torch
 
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        "ViT-H-14", pretrained=args.clip_checkpoint, precision="amp", device=args.device
-    )
-    state = torch.load(args.checkpoint, map_location="cpu")["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise RuntimeError(f"{args.checkpoint} lacks {len(missing)} tensors of ViT-H-14, e.g. {missing[:5]}")
-    if unexpected:
-        print(f"hpsv2_worker: ignoring {len(unexpected)} checkpoint keys, e.g. {unexpected[:5]}", flush=True)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14", precision="amp", device=args.device)
+    # Both files must hold exactly ViT-H-14's tensors: open_clip's own loader, lenient, then our check.
+    check_weights(args.clip_checkpoint, *open_clip.load_checkpoint(model, args.clip_checkpoint, strict=False))
+    checkpoint = torch.load(args.checkpoint, map_location="cpu")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{args.checkpoint} has no 'state_dict' entry; expected HPS_v2_compressed.pt")
+    check_weights(args.checkpoint, *model.load_state_dict(checkpoint["state_dict"], strict=False))
     model.eval()
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
 

@@ -2,7 +2,7 @@
 
 The hpsv3 1.0.0 package on transformers 4.45, as the DrPO authors ran it: its HPSv3_7B.yaml copied with
 model_name_or_path set to the local Qwen2-VL-7B-Instruct folder, the local HPSv3.safetensors, and the first
-output column (the predicted mean) as the score. A cross-check of drpo.rewards.HPSv3Reward.
+output column (the predicted mean) as the score. A cross-check of drpo.rewards.HPSv3Reward. Needs a CUDA device.
 """
 
 import argparse
@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from protocol import serve
+from weights import WeightsMismatch
 
 
 def load(args):
@@ -19,12 +20,22 @@ def load(args):
     import torch
     import yaml
 
+    if not args.device.startswith("cuda"):
+        # Its reward head runs in fp32 on the bf16 model's hidden states, cast only by a CUDA autocast: on CPU
+        # the first request would fail with "mat1 and mat2 must have the same dtype".
+        raise RuntimeError(f"hpsv3 1.0.0 needs a CUDA device (got --device {args.device}): it casts its reward "
+                           "head's input to fp32 only under CUDA autocast")
     config = yaml.safe_load((Path(hpsv3.__file__).parent / "config" / "HPSv3_7B.yaml").read_text())
     config["model_name_or_path"] = args.model
     scratch = tempfile.TemporaryDirectory(prefix="hpsv3_worker_")
     config_path = Path(scratch.name) / "HPSv3_7B.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    inferencer = hpsv3.HPSv3RewardInferencer(str(config_path), args.checkpoint, device=args.device)
+    try:  # the package loads HPSv3.safetensors over the whole model strictly; the error just needs the file's name
+        inferencer = hpsv3.HPSv3RewardInferencer(str(config_path), args.checkpoint, device=args.device)
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        raise WeightsMismatch(f"{args.checkpoint} is not HPSv3's weights file: {exc}") from exc
 
     @torch.no_grad()
     def score(images, prompts, metadata):

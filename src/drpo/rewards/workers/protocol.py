@@ -16,7 +16,8 @@ The protocol: one JSON object per line, UTF-8, on stdin (requests) and stdout (h
 - Handshake, the worker's first line: {"ready": true, "protocol": 1, "name": str, "version": str};
   if loading fails: {"ready": false, "error": str}, then exit code 1.
 - Request: {"id": int, "prompts": [str] * N, "images": [base64 PNG] * N, "metadata": [object] * N or null}.
-- Response: {"id": <same>, "scores": [float] * N} or {"id": <same>, "error": str}.
+- Response: {"id": <same>, "scores": [float] * N} or {"id": <same>, "error": str, "traceback": str}, the
+  traceback being the last lines of the worker's own, so the client's error shows where the worker failed.
 - The client closes stdin to stop the worker; the worker then exits 0.
 Nothing else may reach stdout, so `serve` points file descriptor 1 (and sys.stdout) at stderr before it calls
 `load`: prints and library logs of the worker go to stderr, which the client shows in its error messages.
@@ -35,6 +36,7 @@ from typing import Any, Callable, List, Optional, TextIO
 from PIL import Image
 
 PROTOCOL_VERSION = 1
+TRACEBACK_LINES = 20  # the innermost frames and the exception: where the worker failed
 
 # score_fn(RGB images, prompts, metadata (one object per image) or None) -> one float per image
 ScoreFn = Callable[[List[Image.Image], List[str], Optional[list]], List[float]]
@@ -65,6 +67,11 @@ def _answer(request: dict[str, Any], score_fn: ScoreFn) -> dict[str, Any]:
     return {"id": request["id"], "scores": [float(s) for s in scores]}
 
 
+def _traceback_tail() -> str:
+    """The last lines of the exception being handled, as Python prints it."""
+    return "\n".join(traceback.format_exc().rstrip("\n").splitlines()[-TRACEBACK_LINES:])
+
+
 def serve(load: Callable[[], ScoreFn], *, name: str, version: str = "") -> None:
     """Load the scorer with `load()`, announce it, then answer requests until stdin closes."""
     channel = _claim_stdout()
@@ -83,5 +90,5 @@ def serve(load: Callable[[], ScoreFn], *, name: str, version: str = "") -> None:
             reply = _answer(request, score_fn)
         except Exception as exc:  # noqa: BLE001 - one failed request must not kill the worker
             traceback.print_exc()
-            reply = {"id": request_id, "error": f"{type(exc).__name__}: {exc}"}
+            reply = {"id": request_id, "error": f"{type(exc).__name__}: {exc}", "traceback": _traceback_tail()}
         _send(channel, reply)

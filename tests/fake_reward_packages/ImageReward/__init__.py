@@ -1,0 +1,1 @@
+"""Fake image-reward 1.5: the model class ImageReward.ImageReward.ImageReward."""

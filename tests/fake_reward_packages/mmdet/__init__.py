@@ -1,0 +1,1 @@
+"""Fake mmdet 2.x: mmdet.apis.init_detector."""

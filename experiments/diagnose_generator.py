@@ -20,7 +20,7 @@ import torch
 from drpo.evaluate import sample_latents
 from drpo.generators import load_generator
 from drpo.images import to_uint8
-from drpo.pipeline import read_rows
+from drpo.prompt_files import read_rows
 from drpo.rewards import PickScoreReward
 from drpo.world.detect import judge
 from drpo.world.spec import WorldSpec

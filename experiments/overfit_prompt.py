@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from drpo.methods import build_method
-from drpo.pipeline import load_models, read_rows
+from drpo.pipeline import load_models
+from drpo.prompt_files import read_rows
 from drpo.reference import OnlineReference
 from drpo.rewards import GenEvalLiteReward
 from drpo.train import TrainSettings, train

@@ -78,7 +78,8 @@ def run_one(sweep: str, index: int, out: Path, eval_seeds: int, steps: int | Non
     from drpo.generators import load_generator
     from drpo.lora import load_lora
     from drpo.miniature.generator import judge_latents
-    from drpo.pipeline import read_rows, run_training
+    from drpo.pipeline import run_training
+    from drpo.prompt_files import read_rows
     from drpo.rewards import build_reward_from_config
     from drpo.world.spec import WorldSpec
 

@@ -27,7 +27,8 @@ import torch
 
 from drpo.config import load_config
 from drpo.evaluate import sample_images
-from drpo.pipeline import load_generator_at, read_rows, world_spec
+from drpo.pipeline import load_generator_at, world_spec
+from drpo.prompt_files import read_rows
 from drpo.world.detect import judge_by_tag
 from drpo.world.prompts import TAGS
 

@@ -37,6 +37,10 @@ def write_stand_ins(root: Path, preset: str) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         (root / f"{split}.txt").write_text("\n".join(PROMPTS) + "\n")
+    # The paper's evaluation sets as they ship: Parti-Prompts' TSV and Pick-a-Pic v2's test_unique Parquet shards.
+    (root / "PartiPrompts.tsv").write_text("Prompt\tCategory\tChallenge\tNote\n" + "".join(
+        f"{prompt}\t{'Animals' if 'cat' in prompt or 'dog' in prompt else 'Vehicles'}\tBasic\t\n" for prompt in PROMPTS))
+    write_captions(root / "pickapic_test_unique", PROMPTS[::-1] + PROMPTS[:2])
     # 32x32 latents, so layer4 of the MAE is 4x4 and the recipe's patch-4 keys exist.
     if preset == "sd-turbo":
         generator = write_tiny_sd_turbo(root / "sd-turbo", words=WORDS, sample_size=32, model_max_length=16,
@@ -54,6 +58,16 @@ def write_stand_ins(root: Path, preset: str) -> dict:
     torch.save({f"layers.{k}": v for k, v in state.items()}, head)
     return {"generator": str(generator), "mae": str(mae), "pickscore": str(pickscore), "clip": str(clip),
             "head": str(head)}
+
+
+def write_captions(folder: Path, captions: list[str]) -> None:
+    """A Pick-a-Pic v2 test_unique-like shard: one row per comparison (captions repeat), images left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"caption": captions, "label_0": [1.0] * len(captions)}),
+                   folder / "test_unique-00000-of-00001.parquet")
 
 
 def write_pickapic_stand_in(folder: Path) -> Path:
@@ -100,7 +114,8 @@ def override(root: Path, files: dict, preset: str) -> dict:
         "train": {"steps": 2, "checkpoint_every": 1, "processes": 1, "prompts_per_step": 2, "candidates": 4,
                   "mixed_precision": "no", "lora": {"rank": 4, "alpha": 4}},
         "drpo": {"num_pos": 1, "num_neg": 1},
-        "evaluate": {"seeds": [42, 43], "batch_size": 8, "rewards": {
+        "evaluate": {"seeds": [42, 43], "batch_size": 8, "prompt_sets": {
+            "pickapic_v2": str(root / "pickapic_test_unique"), "parti": str(root / "PartiPrompts.tsv")}, "rewards": {
             "clip": {"path": files["clip"]},
             "aesthetic": {"path": files["clip"], "head_path": files["head"]},
             "brightness": {"name": "worker", "command": [python, str(WORKERS_DIR / "mean_brightness_worker.py")]},
@@ -135,7 +150,8 @@ def main() -> None:
                str(override_file)]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
-    print((root / "results" / "tables" / "summary.md").read_text())
+    for table in ("summary", "prompt_sets", "categories_parti"):
+        print((root / "results" / "tables" / f"{table}.md").read_text())
 
 
 if __name__ == "__main__":

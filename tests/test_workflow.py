@@ -32,6 +32,9 @@ def test_paper_presets_resolve_the_full_dag(tmp_path, preset, evaluations):
                 if len(line.split()) == 2 and line.split()[1].isdigit())
     assert jobs["check_assets"] == "1" and jobs["train"] == "1" and jobs["report"] == "1"
     assert jobs["evaluate"] == str(evaluations)  # base + every checkpoint
+    # Pick-a-Pic v2 and Parti-Prompts, the base and the run's last checkpoint on each; their files are missing
+    # here, so check_assets (which every model-using job waits for) names them instead of the DAG failing.
+    assert jobs["evaluate_prompt_set"] == "4" and jobs["breakdowns"] == "1"
 
 
 def test_default_config_resolves(tmp_path):

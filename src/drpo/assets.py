@@ -101,6 +101,10 @@ def preference_assets(config: dict) -> list[Asset]:
                         "Pick-a-Pic v2 folder of Parquet shards with caption, jpg_0, jpg_1, label_0, label_1)")]
 
 
+PROMPT_FORMS = ("a .txt of prompts, GenEval .jsonl, Parti-Prompts .tsv, or Pick-a-Pic v2 .parquet shards (a file or "
+                "a folder: its test_unique split's)")
+
+
 def required_assets(config: dict) -> list[Asset]:
     models = config["models"]
     assets = generator_assets(models["generator"]["path"], models["generator"]["kind"])
@@ -110,8 +114,9 @@ def required_assets(config: dict) -> list[Asset]:
         if spec is not None:
             assets += reward_assets({"name": label} | spec)
     if not config.get("world", {}).get("enabled", True):
-        assets += [Asset(config["prompts"][split], f"{split} prompts (.txt or GenEval .jsonl)")
-                   for split in ("train", "test")]
+        assets += [Asset(config["prompts"][split], f"{split} prompts ({PROMPT_FORMS})") for split in ("train", "test")]
+    for name, path in config.get("evaluate", {}).get("prompt_sets", {}).items():
+        assets.append(Asset(path, f"evaluation prompt set {name!r} ({PROMPT_FORMS})"))
     assets += preference_assets(config)
     return list({asset.path: asset for asset in reversed(assets)}.values())[::-1]  # first mention wins
 

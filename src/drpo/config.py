@@ -170,6 +170,7 @@ def _check_consistency(config: dict[str, Any]) -> None:
     if label is not None and config["evaluate"]["rewards"].get(label) is None:
         problems.append(f"evaluate.diversity_from ({label!r}) names no reward of evaluate.rewards "
                         f"({[name for name, spec in config['evaluate']['rewards'].items() if spec is not None]})")
+    problems += _prompt_set_problems(config)
     # Methods that train from a preference dataset (unknown names are reported by _check_names).
     for name in [m for m in train["methods"] if m in METHODS]:
         problems += METHODS[name].config_problems(config)
@@ -184,6 +185,23 @@ def _check_consistency(config: dict[str, Any]) -> None:
                             "train.reference is bank (built for the training prompts): use train.reference: online")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _prompt_set_problems(config: dict[str, Any]) -> list[str]:
+    """Evaluation prompt sets: names unique and not "test" (the test prompts' label), files of a form read."""
+    from drpo.prompt_files import prompt_file_kind
+
+    problems = []
+    world_sets = config["world"]["prompt_sets"] if config["world"]["enabled"] else []
+    for name, path in config["evaluate"]["prompt_sets"].items():
+        if name == "test" or name in world_sets:
+            problems.append(f"evaluate.prompt_sets.{name}: the name is taken by "
+                            f"{'the test prompts' if name == 'test' else 'a stand-in of world.prompt_sets'}")
+        try:
+            prompt_file_kind(path)
+        except ValueError as error:
+            problems.append(f"evaluate.prompt_sets.{name}: {error}")
+    return problems
 
 
 def load_config(*paths: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from drpo.generators import image_seed
 from drpo.images import to_uint8
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# Prompt-row fields that group prompts in a prompt set (Parti-Prompts' Category and Challenge), kept per image.
+PROMPT_GROUPS = ("category", "challenge")
 
 
 def evaluation_seeds(rows: list[dict], seeds: list[int], min_images_per_tag: int = 0) -> list[list[int]]:
@@ -116,7 +118,8 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
             flat = start + offset
             record = {"prompt_index": indices[flat // n_seeds], "seed": seeds[flat % n_seeds],
                       "prompt": row["prompt"], "tag": row.get("tag"), "reward": score,
-                      **{f"reward_{label}": values[offset] for label, values in extra.items()}}
+                      **{f"reward_{label}": values[offset] for label, values in extra.items()},
+                      **{key: row[key] for key in PROMPT_GROUPS if key in row}}
             if world_spec is not None:
                 verdict = judge_image(image, row, world_spec)
                 record |= {"correct": verdict.correct, "correct_strict": verdict.strict, "objects": verdict.objects,
@@ -148,15 +151,17 @@ def _diversity(embeddings: torch.Tensor, prompt_indices: list[int], n_seeds: int
 
 
 def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale: float,
-              held_out_scales: dict[str, float] | None = None) -> dict[str, float]:
+              held_out_scales: dict[str, float] | None = None) -> dict:
     """One row of the results table: rewards x their report scales, GenEval-lite per tag and overall,
-    diversity. Rewards are means over prompts of the per-prompt means, so that every prompt weighs the same
+    diversity, and for prompts with a category (Parti-Prompts) the rewards per category under "categories". Rewards are means over prompts of the per-prompt means, so that every prompt weighs the same
     whatever its number of seeds; GenEval-lite is the accuracy over a tag's images, as in GenEval."""
     by_prompt = per_image.groupby("prompt_index")
     summary = {"reward": float(by_prompt["reward"].mean().mean() * reward_scale),
                "diversity": float(per_prompt["diversity"].mean())}
     for label, scale in (held_out_scales or {}).items():
         summary[f"reward_{label}"] = float(by_prompt[f"reward_{label}"].mean().mean() * scale)
+    if "category" in per_image:
+        summary["categories"] = _by_category(per_image, reward_scale, held_out_scales or {})
     # GenEval-lite with GenEval's semantics (the paper's metric) and strict (no more objects than asked); the
     # overall score is the mean of the per-task accuracies, as GenEval's.
     for column, prefix in (("correct", "geneval"), ("correct_strict", "geneval_strict")):
@@ -166,3 +171,12 @@ def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale
                 summary[f"{prefix}_{tag}"] = float(by_tag.get(tag, np.nan) * 100)
             summary[f"{prefix}_overall"] = float(by_tag.mean() * 100)
     return summary
+
+
+def _by_category(per_image: pd.DataFrame, reward_scale: float, held_out_scales: dict[str, float]) -> dict:
+    """Per prompt category (Parti-Prompts): the number of prompts and the rewards x their report scales, each a
+    mean over the category's prompts of the per-prompt means."""
+    scales = {"reward": reward_scale, **{f"reward_{label}": scale for label, scale in held_out_scales.items()}}
+    by_prompt = per_image.groupby("prompt_index").agg({"category": "first", **{c: "mean" for c in scales}})
+    return {str(category): {"prompts": len(group), **{c: float(group[c].mean() * s) for c, s in scales.items()}}
+            for category, group in by_prompt.groupby("category")}

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from drpo.config import resolve_device
+from drpo.prompt_files import read_rows
 from drpo.provenance import write_provenance
 
 
@@ -44,15 +45,6 @@ def world_spec(config: dict):
     from drpo.world.spec import WorldSpec
 
     return WorldSpec.from_dict(config["world"]["spec"]) if config["world"]["enabled"] else None
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Prompt rows from a GenEval metadata .jsonl or a .txt prompt file ({"prompt": ...} rows)."""
-    from drpo.world.prompts import read_metadata_jsonl, read_prompts
-
-    if Path(path).suffix == ".jsonl":
-        return read_metadata_jsonl(path)
-    return [{"prompt": prompt} for prompt in read_prompts(path)]
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -215,6 +207,8 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
     if evaluation["max_prompts"]:
         rows = rows[: evaluation["max_prompts"]]
     images_dir = Path(summary_out).parent / "geneval_samples" if evaluation["save_images"] else None
+    # The world's detector judges GenEval metadata rows; a stand-in set of plain prompts (Parti, Pick-a-Pic) has none.
+    detector = world_spec(config) if all("include" in row for row in rows) else None
     # Prompts that share a seed list (those of one tag) are sampled and scored together.
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, seeds in enumerate(evaluation_seeds(rows, evaluation["seeds"], evaluation["min_images_per_tag"])):
@@ -226,7 +220,7 @@ def run_evaluation(config: dict, prompts_path: str | Path, summary_out: str | Pa
                                  batch_size=evaluation["batch_size"], adapters=adapters, prompt_indices=indices)
         image_table, prompt_table = score_latents(
             generator, reward, latents, group_rows, list(seeds), batch_size=evaluation["batch_size"],
-            world_spec=world_spec(config), images_dir=images_dir, held_out=held_out,
+            world_spec=detector, images_dir=images_dir, held_out=held_out,
             diversity_from=evaluation["diversity_from"], prompt_indices=indices)
         images.append(image_table)
         prompts.append(prompt_table)

@@ -40,7 +40,9 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 
 def collect(summary_files: list[str | Path]) -> pd.DataFrame:
     """Stack evaluation summaries (JSON: method, seed, step and metrics) into one table."""
-    rows = [json.loads(Path(path).read_text()) for path in summary_files]
+    # Breakdowns (a prompt set's per-category scores) are nested; the table takes the scalar metrics.
+    rows = [{key: value for key, value in json.loads(Path(path).read_text()).items() if not isinstance(value, dict)}
+            for path in summary_files]
     if not rows:
         raise ValueError("no evaluation summaries to report")
     return pd.DataFrame.from_records(rows).sort_values(["method", "seed", "step"]).reset_index(drop=True)

@@ -6,16 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from drpo.ablations import write_study
+from drpo.breakdowns import write_breakdowns
 from drpo.cost.report import write_report
 from drpo.paper import write_comparison
 from drpo.pipeline import make_report
 
 
-def rebuild_tables(main: dict, studies: dict, cost: dict, paper_vs_ours: str, setting: str, log=print) -> None:
+def rebuild_tables(main: dict, studies: dict, cost: dict, breakdowns: dict, paper_vs_ours: str, setting: str,
+                   log=print) -> None:
     """Every table and figure again from the results on disk (the ``tables`` rule): the main table and curves from
     the evaluation summaries that exist (``main``: their paths and make_report's outputs), each ablation study's
-    from its summaries (``studies``: spec, (label, path) pairs and outputs), the cost report from its
-    measurements, and the paper-vs-ours table. A part with none of its inputs on disk is skipped and said so."""
+    from its summaries (``studies``: spec, (label, path) pairs and outputs), the breakdown tables (``breakdowns``:
+    rule breakdowns' parts and outputs), the cost report from its measurements, and the paper-vs-ours table. A part with none of its inputs on disk is skipped and said so."""
 
     def existing(paths):
         found = [path for path in paths if Path(path).exists()]
@@ -32,6 +34,14 @@ def rebuild_tables(main: dict, studies: dict, cost: dict, paper_vs_ours: str, se
         pairs = [(label, path) for label, path in parts["summaries"] if path in found]
         if any(label != "base" for label, _ in pairs):
             write_study(pairs, parts["spec"], parts["table"], parts["markdown"], parts["html"], parts["figure"])
+    for name, part in breakdowns["parts"].items():
+        log(f"breakdown {name}:")
+        if part["kind"] == "prompt_sets":
+            found = {prompt_set: existing(paths) for prompt_set, paths in part["summaries"].items()}
+            if found := {prompt_set: paths for prompt_set, paths in found.items() if paths}:
+                write_breakdowns({name: part | {"summaries": found}}, breakdowns["outputs"])
+        elif found := existing(part["summaries"]):
+            write_breakdowns({name: part | {"summaries": found}}, breakdowns["outputs"])
     log("compute cost:")
     measured = existing(cost["measured"])
     if existing([cost["analytic"]]) and measured:

@@ -11,6 +11,8 @@ validate_config(config)
 R = config["results_dir"]
 RUN = R + "/runs/{method}/seed{seed}"
 EVAL = R + "/eval/{method}/seed{seed}/step{step}"
+# An evaluation on one of the further prompt sets (evaluate.prompt_sets and the world's stand-ins).
+EVAL_SET = R + "/eval_sets/{prompt_set}/{method}/seed{seed}/step{step}"
 # The preference dataset's VAE latents (rule preference_latents), read by the offline methods' runs.
 PREFERENCE_CACHE = R + "/preferences/latents"
 
@@ -19,6 +21,7 @@ wildcard_constraints:
     method="[a-z0-9_]+",
     seed=r"\d+",
     step=r"\d+",
+    prompt_set="[a-z0-9_]+",
 
 
 def sections(*names):
@@ -55,6 +58,23 @@ def test_prompts():
     if config["world"]["enabled"]:
         return f"{R}/world/test_metadata.jsonl"
     return config["prompts"]["test"]
+
+
+def prompt_sets():
+    """The evaluation prompt sets besides the test prompts, name -> prompt file: the world's stand-ins (rule
+    world_prompt_sets) and evaluate.prompt_sets."""
+    sets = {}
+    if config["world"]["enabled"]:
+        files = {"parti": "parti_prompts.tsv", "pickapic_v2": "pickapic_v2_test_unique"}
+        sets = {name: f"{R}/world/prompt_sets/{files[name]}" for name in config["world"]["prompt_sets"]}
+    return sets | config["evaluate"]["prompt_sets"]
+
+
+def geneval_judged():
+    """Whether evaluation gives GenEval verdicts per image: the miniature's detector, or a GenEval reward (the target
+    or an evaluation reward), for prompts with GenEval metadata."""
+    rewards = [config["models"]["reward"], *[spec for spec in config["evaluate"]["rewards"].values() if spec]]
+    return config["world"]["enabled"] or any(spec.get("name") in ("geneval", "geneval_lite") for spec in rewards)
 
 
 def eval_reward_path(cfg, label):
@@ -106,6 +126,31 @@ def eval_summaries():
     return out
 
 
+def last_step_summaries(pattern, **fields):
+    """The summaries of the base (seed 0, step 0) and of every run's last checkpoint, by the EVAL-like ``pattern``."""
+    last = checkpoint_steps(config["train"]["steps"], config["train"]["checkpoint_every"])[-1]
+    out = [pattern.format(method="base", seed=0, step=0, **fields) + "/summary.json"]
+    for method in config["train"]["methods"]:
+        out += [pattern.format(method=method, seed=seed, step=last, **fields) + "/summary.json"
+                for seed in config["train"]["seeds"]]
+    return out
+
+
+def breakdown_outputs():
+    """The breakdown tables (rule breakdowns), name -> {table, markdown, html}: every prompt set's row in one table,
+    per category for Parti-Prompts TSV sets, per GenEval task for the test prompts and GenEval .jsonl sets when a
+    GenEval judge scores them."""
+    from drpo.prompt_files import prompt_file_kind
+
+    names = ["prompt_sets"] if prompt_sets() else []
+    names += [f"categories_{name}" for name, path in prompt_sets().items() if prompt_file_kind(path) == "parti"]
+    if geneval_judged():
+        names += ["geneval_test"] if prompt_file_kind(test_prompts()) == "geneval" else []
+        names += [f"geneval_{name}" for name, path in prompt_sets().items() if prompt_file_kind(path) == "geneval"]
+    return {name: {"table": f"{R}/tables/{name}.csv", "markdown": f"{R}/tables/{name}.md",
+                   "html": f"{R}/tables/{name}.html"} for name in names}
+
+
 def ablation_outputs():
     """Every ablation study's table and figure (none without studies: configs/ablations.yaml has the paper's)."""
     return [f"{R}/{kind}/ablation_{study}.{ext}" for study in config["ablations"]["studies"]
@@ -122,6 +167,7 @@ def final_outputs():
           for method in config["train"]["methods"]],
         f"{R}/provenance/config.resolved.yaml",
         *ablation_outputs(),
+        *[files["html"] for files in breakdown_outputs().values()],
         f"{R}/tables/paper_vs_ours.html",
     ] + ([f"{R}/cost/cost_table.html", f"{R}/cost/cost_components.png"] if config["cost"]["enabled"] else [])
 

@@ -34,6 +34,7 @@ rule tables:
         cost={"analytic": f"{R}/cost/analytic_flops.csv",
               "measured": [f"{R}/cost/measured_miniature.csv", *cost_gpu_profiles()],
               "table": f"{R}/cost/cost_table.csv", "figure": f"{R}/cost/cost_components.png"},
+        breakdowns={"parts": breakdown_parts(), "outputs": breakdown_outputs()},
         paper_vs_ours=f"{R}/tables/paper_vs_ours.md",
         setting=SETTING,
     localrule: True

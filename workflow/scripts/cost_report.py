@@ -4,7 +4,7 @@ from _job import start
 
 start(snakemake)
 from drpo.cost.report import measure_miniature, run_analytic, write_report
-from drpo.pipeline import read_rows
+from drpo.prompt_files import read_rows
 
 if snakemake.rule == "cost_analytic":
     run_analytic(snakemake.params.section, snakemake.params.drpo, snakemake.output[0])

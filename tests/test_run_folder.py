@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from drpo.config import merge
 from drpo.methods import build_method
-from drpo.pipeline import load_models, run_settings, run_training
+from drpo.pipeline import load_models, run_identity, run_settings, run_training
 from drpo.reference import build_reference_bank
 from drpo.rewards.worker import WORKERS_DIR
 from drpo.run_folder import RunFolderBusy, latest_checkpoint
@@ -190,8 +190,36 @@ def test_a_runs_settings_change_with_its_own_settings_only(tiny_config):
     assert run_settings(merge(tiny_config, {"train": {"seeds": [0, 1, 2, 3]}}), "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"train": {"methods": ["drpo", "pso"]}}), "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"grpo": {"num_anchors": 2}}), "drpo", 0) == drpo0
-    assert run_settings(merge(tiny_config, {"train": {"learning_rates": {"pso": 1e-5}}}), "drpo", 0) == drpo0
+    assert run_settings(merge(tiny_config, {"train": {"per_method": {"pso": {"learning_rate": 1e-5}}}}),
+                        "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"train": {"processes": 2, "prompts_per_step": 2}}), "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"drpo": {"num_pos": 1}}), "drpo", 0) != drpo0
-    assert run_settings(merge(tiny_config, {"train": {"learning_rates": {"drpo": 1e-5}}}), "drpo", 0) != drpo0
+    assert run_settings(merge(tiny_config, {"train": {"per_method": {"drpo": {"learning_rate": 1e-5}}}}),
+                        "drpo", 0) != drpo0
     assert run_settings(tiny_config, "drpo", 1) != drpo0
+
+
+def test_a_method_whose_resolved_settings_do_not_change_keeps_its_params_and_identity(tiny_config):
+    # Issue 17: train.per_method replaced train.learning_rates. Snakemake compares the train rule's params by their
+    # repr, so the keys of a run's train settings keep the order they had (learning_rate last, as when it was
+    # learning_rates' pick), and runs trained before are neither rerun nor moved aside.
+    settings = run_settings(tiny_config, "drpo", 0)
+    assert list(settings["train"]) == ["steps", "prompts_per_step", "balance_tags", "candidates", "checkpoint_every",
+                                       "adam_betas", "weight_decay", "adam_eps", "max_grad_norm", "mixed_precision",
+                                       "lora", "reference", "reference_noise_sets", "learning_rate"]
+    rows = [{"prompt": prompt} for prompt in PROMPTS]
+    train = tiny_config["train"]
+    for per_method in ({"grpo": {"steps": 9, "processes": 2, "learning_rate": 1e-5}},  # another method's entry
+                       {"drpo": {"learning_rate": train["learning_rate"], "steps": train["steps"]}},  # no change
+                       {"drpo": {"processes": 2, "main_process_port": 29600}},  # launch settings only
+                       {"drpo": None}):
+        config = merge(tiny_config, {"train": {"per_method": per_method}})
+        assert repr(run_settings(config, "drpo", 0)) == repr(settings), per_method
+        assert run_identity(config, "drpo", 0, rows) == run_identity(tiny_config, "drpo", 0, rows), per_method
+    # A method's own entry changes its runs, and its identity unless it changes only their length.
+    grpo = merge(tiny_config, {"train": {"per_method": {"grpo": {"steps": 8, "checkpoint_every": 4}}}})
+    assert run_settings(grpo, "grpo", 0) != run_settings(tiny_config, "grpo", 0)
+    assert run_settings(grpo, "grpo", 0)["train"]["steps"] == 8
+    assert run_identity(grpo, "grpo", 0, rows) == run_identity(tiny_config, "grpo", 0, rows)
+    bf16 = merge(tiny_config, {"train": {"per_method": {"grpo": {"mixed_precision": "bf16"}}}})
+    assert run_identity(bf16, "grpo", 0, rows) != run_identity(tiny_config, "grpo", 0, rows)

@@ -1,6 +1,6 @@
 # Online training, one job per (method, seed). Checkpoints are written inside the run folder but
 # are not declared outputs: Snakemake deletes the outputs of a failed job, and a rerun must find
-# them to resume. train_done.json is written last. With train.processes > 1 the job runs
+# them to resume. train_done.json is written last. With the method's train.processes > 1 the job runs
 # `accelerate launch` over that many GPUs (one Slurm task holding all of them, see profiles/slurm). An offline method
 # (drpo.methods.offline*) trains from the preference dataset's latent cache (rules/preferences.smk).
 
@@ -29,6 +29,7 @@ rule train:
     message:
         "Training {wildcards.method}, seed {wildcards.seed}"
     resources:
-        gpu=config["train"]["processes"] if config["device"] == "cuda" else 0,
+        # The method's own process count (train.per_method).
+        gpu=lambda w: train_of(w.method)["processes"] if config["device"] == "cuda" else 0,
     script:
         "../scripts/train.py"

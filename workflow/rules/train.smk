@@ -27,7 +27,9 @@ rule train:
         # config.resolved.yaml; the run folder refuses to resume from checkpoints of other settings.
         run=run_settings_of,
     message:
-        "Training {wildcards.method}, seed {wildcards.seed}"
+        ("Training {wildcards.method}, seed {wildcards.seed}: {params.run[train][steps]} updates of "
+         "{params.run[train][prompts_per_step]} prompts x K={params.run[train][candidates]}, "
+         "{params.run[train][mixed_precision]}, lr {params.run[train][learning_rate]}, GPUs: {resources.gpu}")
     resources:
         # The method's own process count (train.per_method).
         gpu=lambda w: train_of(w.method)["processes"] if config["device"] == "cuda" else 0,

@@ -80,6 +80,21 @@ def test_more_updates_resume_the_run_and_the_same_settings_do_not_retrain(tiny_c
     assert latest_checkpoint(run_dir).name == "checkpoint-6" and not list(tmp_path.glob("seed0.superseded-*"))
 
 
+def test_a_run_trains_with_its_methods_own_train_settings(tiny_config, tmp_path):
+    # train.per_method (issue 17): the run's length, K, checkpoints and learning rate are its method's entry's.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    run_dir = tmp_path / "seed0"
+    config = merge(tiny_config, {"train": {"per_method": {
+        "drpo": {"steps": 3, "checkpoint_every": 3, "candidates": 4, "learning_rate": 2e-3},
+        "grpo": {"steps": 1}}}})
+    _run(config, prompts, run_dir)
+    assert json.loads((run_dir / "train_done.json").read_text())["steps"] == 3
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["train"]
+    assert (resolved["steps"], resolved["candidates"], resolved["learning_rate"]) == (3, 4, 2e-3)
+
+
 # ----------------------------------------------------------------------------------- fault 8: damaged checkpoints
 @pytest.mark.parametrize("damage", ["pytorch_lora_weights.safetensors", "training_state.json", "optimizer.pt"])
 def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tiny_config, tmp_path, damage):

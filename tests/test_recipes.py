@@ -131,6 +131,19 @@ def test_a_command_line_entry_is_read_as_yaml_and_null_drops_a_presets_entry():
     assert method_train(config["train"], "pso") == config["train"]
 
 
+def test_a_config_written_with_train_learning_rates_reads_as_per_method_entries():
+    # A run's config.resolved.yaml from before train.per_method (scripts/judge_checkpoints.py reads them).
+    current = load_config(REPO / "config.yaml", CONFIGS / "sd-turbo.yaml")
+    old = merge(current, {"train": {"per_method": None}})
+    del old["train"]["per_method"]
+    old["train"]["learning_rates"] = {"draft": 1e-5, "grpo": 1e-5, "pso": 1e-5}
+    with pytest.warns(FutureWarning, match="train.learning_rates is now train.per_method"):
+        validate_config(old)
+    assert old["train"]["per_method"] == current["train"]["per_method"]
+    for method in METHODS:
+        assert run_settings(old, method, 42) == run_settings(current, method, 42)
+
+
 def test_an_ablation_variants_train_keys_win_over_drpos_entry():
     config = merge(_recipes("sd-turbo"), {"ablations": {"studies": {"k": {
         "title": "K", "plot": "line", "axis": "K", "variants": {"8": {"train": {"candidates": 8}},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ def validate_config(config: dict[str, Any], *, variants: bool = True) -> dict[st
                 if isinstance(value, str) and schema["properties"].get(key, {}).get("type") == "object"]
     if replaced:
         raise ConfigError("invalid configuration:\n" + "\n".join(replaced))
+    _read_renamed_keys(config)
     _read_command_line_strings(config, schema, schema)
     errors = sorted(_validator_requiring_every_key()(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -88,6 +90,23 @@ NOT_PER_METHOD = {
     "reference": "the frozen base's samples (online, or the one reference bank) are shared by every method",
     "reference_noise_sets": "the one reference bank is shared by every method",
 }
+
+
+def _read_renamed_keys(config: dict[str, Any]) -> None:
+    """Configs written before train.per_method (a run's config.resolved.yaml, an older preset) set per-method
+    learning rates as train.learning_rates {method: rate}: read, in place, as per_method entries setting
+    learning_rate (an entry's own learning_rate wins), with a warning; the run settings are the same."""
+    train = config.get("train")
+    if not isinstance(train, dict) or "learning_rates" not in train:
+        return
+    rates = train.pop("learning_rates") or {}
+    if isinstance(rates, str):  # given with snakemake --config
+        rates = yaml.safe_load(rates) or {}
+    per_method = train.setdefault("per_method", {})
+    for method, rate in rates.items():
+        per_method[method] = {"learning_rate": rate} | (per_method.get(method) or {})
+    warnings.warn("train.learning_rates is now train.per_method: read {method: rate} as "
+                  "{method: {learning_rate: rate}}; write it so", FutureWarning, stacklevel=3)
 
 
 def method_train(train: dict[str, Any], method: str) -> dict[str, Any]:

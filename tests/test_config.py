@@ -90,9 +90,9 @@ def test_each_method_reads_exactly_its_config_section(name):
 
 def test_train_settings_read_the_train_section():
     run_level = {"seed"}  # a run's seed: one of train.seeds
-    # Read by the workflow around a run (which runs, which noises, how many processes); learning_rates picks a
-    # method's learning_rate.
-    workflow_level = {"methods", "seeds", "learning_rates", "reference", "reference_noise_sets", "processes",
+    # Read by the workflow around a run (which runs, which noises, how many processes); per_method resolves a
+    # method's train section before TrainSettings reads it.
+    workflow_level = {"methods", "seeds", "per_method", "reference", "reference_noise_sets", "processes",
                       "main_process_port"}
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
     assert fields - run_level == set(CONFIG["train"]) - workflow_level
@@ -108,14 +108,17 @@ def test_the_drift_functions_take_their_settings_without_defaults(function):
 
 def test_presets_resolve_over_config_yaml():
     for preset in sorted((REPO / "configs").glob("*.yaml")):
-        config = load_config(REPO / "config.yaml", preset)
+        # configs/<base>-recipes.yaml is merged over configs/<base>.yaml.
+        base = preset.with_name(preset.name.replace("-recipes", ""))
+        config = load_config(REPO / "config.yaml", *dict.fromkeys([base, preset]))
         assert config["results_dir"]
 
 
 # Every name a config uses is checked when it is read, before any job (issue 14, fault 10), with the valid choices.
 @pytest.mark.parametrize("override,message", [
     ({"train": {"methods": ["drpo", "drp0"]}}, r"train.methods: unknown method 'drp0'; valid names: \[.*'draft'"),
-    ({"train": {"learning_rates": {"dpo1": 1e-4}}}, r"train.learning_rates: unknown method 'dpo1'"),
+    ({"train": {"per_method": {"dpo1": {"learning_rate": 1e-4}}}},
+     r"train.per_method: unknown method 'dpo1'; valid names: \[.*'dpo'"),
     ({"models": {"reward": {"name": "pickscor"}}}, r"models.reward: unknown reward 'pickscor'; valid names"),
     ({"models": {"features": {"name": "latent_maee"}}}, r"models.features: unknown feature encoder 'latent_maee'"),
     ({"models": {"features": {"keys": ["layer4_mean", "layer4_mea"]}}},

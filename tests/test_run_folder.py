@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from drpo.config import merge
 from drpo.methods import build_method
-from drpo.pipeline import load_models, run_settings, run_training
+from drpo.pipeline import load_models, run_identity, run_settings, run_training
 from drpo.reference import build_reference_bank
 from drpo.rewards.worker import WORKERS_DIR
 from drpo.run_folder import RunFolderBusy, latest_checkpoint
@@ -78,6 +78,21 @@ def test_more_updates_resume_the_run_and_the_same_settings_do_not_retrain(tiny_c
     longer = merge(tiny_config, {"train": {"steps": 6}})
     assert any("resuming from" in m and "checkpoint-4" in m for m in _run(longer, prompts, run_dir))
     assert latest_checkpoint(run_dir).name == "checkpoint-6" and not list(tmp_path.glob("seed0.superseded-*"))
+
+
+def test_a_run_trains_with_its_methods_own_train_settings(tiny_config, tmp_path):
+    # train.per_method (issue 17): the run's length, K, checkpoints and learning rate are its method's entry's.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    run_dir = tmp_path / "seed0"
+    config = merge(tiny_config, {"train": {"per_method": {
+        "drpo": {"steps": 3, "checkpoint_every": 3, "candidates": 4, "learning_rate": 2e-3},
+        "grpo": {"steps": 1}}}})
+    _run(config, prompts, run_dir)
+    assert json.loads((run_dir / "train_done.json").read_text())["steps"] == 3
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["train"]
+    assert (resolved["steps"], resolved["candidates"], resolved["learning_rate"]) == (3, 4, 2e-3)
 
 
 # ----------------------------------------------------------------------------------- fault 8: damaged checkpoints
@@ -190,8 +205,36 @@ def test_a_runs_settings_change_with_its_own_settings_only(tiny_config):
     assert run_settings(merge(tiny_config, {"train": {"seeds": [0, 1, 2, 3]}}), "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"train": {"methods": ["drpo", "pso"]}}), "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"grpo": {"num_anchors": 2}}), "drpo", 0) == drpo0
-    assert run_settings(merge(tiny_config, {"train": {"learning_rates": {"pso": 1e-5}}}), "drpo", 0) == drpo0
+    assert run_settings(merge(tiny_config, {"train": {"per_method": {"pso": {"learning_rate": 1e-5}}}}),
+                        "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"train": {"processes": 2, "prompts_per_step": 2}}), "drpo", 0) == drpo0
     assert run_settings(merge(tiny_config, {"drpo": {"num_pos": 1}}), "drpo", 0) != drpo0
-    assert run_settings(merge(tiny_config, {"train": {"learning_rates": {"drpo": 1e-5}}}), "drpo", 0) != drpo0
+    assert run_settings(merge(tiny_config, {"train": {"per_method": {"drpo": {"learning_rate": 1e-5}}}}),
+                        "drpo", 0) != drpo0
     assert run_settings(tiny_config, "drpo", 1) != drpo0
+
+
+def test_a_method_whose_resolved_settings_do_not_change_keeps_its_params_and_identity(tiny_config):
+    # Issue 17: train.per_method replaced train.learning_rates. Snakemake compares the train rule's params by their
+    # repr, so the keys of a run's train settings keep the order they had (learning_rate last, as when it was
+    # learning_rates' pick), and runs trained before are neither rerun nor moved aside.
+    settings = run_settings(tiny_config, "drpo", 0)
+    assert list(settings["train"]) == ["steps", "prompts_per_step", "balance_tags", "candidates", "checkpoint_every",
+                                       "adam_betas", "weight_decay", "adam_eps", "max_grad_norm", "mixed_precision",
+                                       "lora", "reference", "reference_noise_sets", "learning_rate"]
+    rows = [{"prompt": prompt} for prompt in PROMPTS]
+    train = tiny_config["train"]
+    for per_method in ({"grpo": {"steps": 9, "processes": 2, "learning_rate": 1e-5}},  # another method's entry
+                       {"drpo": {"learning_rate": train["learning_rate"], "steps": train["steps"]}},  # no change
+                       {"drpo": {"processes": 2, "main_process_port": 29600}},  # launch settings only
+                       {"drpo": None}):
+        config = merge(tiny_config, {"train": {"per_method": per_method}})
+        assert repr(run_settings(config, "drpo", 0)) == repr(settings), per_method
+        assert run_identity(config, "drpo", 0, rows) == run_identity(tiny_config, "drpo", 0, rows), per_method
+    # A method's own entry changes its runs, and its identity unless it changes only their length.
+    grpo = merge(tiny_config, {"train": {"per_method": {"grpo": {"steps": 8, "checkpoint_every": 4}}}})
+    assert run_settings(grpo, "grpo", 0) != run_settings(tiny_config, "grpo", 0)
+    assert run_settings(grpo, "grpo", 0)["train"]["steps"] == 8
+    assert run_identity(grpo, "grpo", 0, rows) == run_identity(tiny_config, "grpo", 0, rows)
+    bf16 = merge(tiny_config, {"train": {"per_method": {"grpo": {"mixed_precision": "bf16"}}}})
+    assert run_identity(bf16, "grpo", 0, rows) != run_identity(tiny_config, "grpo", 0, rows)

@@ -147,10 +147,14 @@ def test_online_reference_matches_the_bank(tiny_config):
         torch.testing.assert_close(ref_a, ref_b.float(), rtol=1e-4, atol=1e-4)  # batching changes float sums
 
 
-def test_a_method_can_have_its_own_learning_rate(tiny_config):
-    train_section = tiny_config["train"] | {"learning_rate": 1e-3, "learning_rates": {"draft": 1e-5}}
-    assert TrainSettings.from_config(train_section, seed=0, method="draft").learning_rate == 1e-5
-    assert TrainSettings.from_config(train_section, seed=0, method="drpo").learning_rate == 1e-3
+def test_a_method_can_have_its_own_train_settings(tiny_config):
+    train_section = tiny_config["train"] | {"learning_rate": 1e-3, "per_method": {
+        "draft": {"learning_rate": 1e-5, "steps": 6, "mixed_precision": "bf16", "lora": {"rank": 2}}}}
+    draft = TrainSettings.from_config(train_section, seed=0, method="draft")
+    assert (draft.learning_rate, draft.steps, draft.mixed_precision) == (1e-5, 6, "bf16")
+    assert draft.lora == tiny_config["train"]["lora"] | {"rank": 2}  # merged key by key
+    assert TrainSettings.from_config(train_section, seed=0, method="drpo") == TrainSettings.from_config(
+        tiny_config["train"] | {"learning_rate": 1e-3}, seed=0)
 
 
 def test_prompt_schedule_cycles_every_prompt_once_per_epoch_without_tags():

@@ -4,7 +4,8 @@
         --method drpo --seed 0 --prompts prompts.txt --run-dir run [--bank bank.safetensors]
         [--preferences results/preferences/latents/done.json]
 
-The workflow's train rule calls this itself when train.processes > 1; users can too, on any cluster.
+The workflow's train rule calls this itself when the method's train.processes (train.per_method) > 1; users
+can too, on any cluster.
 """
 
 from __future__ import annotations

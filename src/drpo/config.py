@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,87 @@ def validate_config(config: dict[str, Any], *, variants: bool = True) -> dict[st
                 if isinstance(value, str) and schema["properties"].get(key, {}).get("type") == "object"]
     if replaced:
         raise ConfigError("invalid configuration:\n" + "\n".join(replaced))
+    _read_renamed_keys(config)
     _read_command_line_strings(config, schema, schema)
     errors = sorted(_validator_requiring_every_key()(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_location(e)}: {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    _check_per_method(config, schema)
     _check_consistency(config)
     _check_names(config)
     if variants:
         _check_ablation_variants(config)
     return config
+
+
+# ----------------------------------------------------------------------------------- per-method train settings
+#: Keys of `train` that train.per_method cannot set for one method, and why.
+NOT_PER_METHOD = {
+    "methods": "it lists the methods to train; a method's entry in per_method does not add it",
+    "seeds": "every method trains the same seeds, so that the tables compare methods seed for seed",
+    "per_method": "per_method does not nest",
+    "reference": "the frozen base's samples (online, or the one reference bank) are shared by every method",
+    "reference_noise_sets": "the one reference bank is shared by every method",
+}
+
+
+def _read_renamed_keys(config: dict[str, Any]) -> None:
+    """Configs written before train.per_method (a run's config.resolved.yaml, an older preset) set per-method
+    learning rates as train.learning_rates {method: rate}: read, in place, as per_method entries setting
+    learning_rate (an entry's own learning_rate wins), with a warning; the run settings are the same."""
+    train = config.get("train")
+    if not isinstance(train, dict) or "learning_rates" not in train:
+        return
+    rates = train.pop("learning_rates") or {}
+    if isinstance(rates, str):  # given with snakemake --config
+        rates = yaml.safe_load(rates) or {}
+    per_method = train.setdefault("per_method", {})
+    for method, rate in rates.items():
+        per_method[method] = {"learning_rate": rate} | (per_method.get(method) or {})
+    warnings.warn("train.learning_rates is now train.per_method: read {method: rate} as "
+                  "{method: {learning_rate: rate}}; write it so", FutureWarning, stacklevel=3)
+
+
+def method_train(train: dict[str, Any], method: str) -> dict[str, Any]:
+    """The ``train`` section as ``method``'s runs use it: ``train.per_method[method]`` merged over it key by key
+    (``lora`` merges key by key too); ``train`` itself when the method has no entry (or null)."""
+    return merge(train, train["per_method"].get(method) or {})
+
+
+def method_config(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """``config`` as one run of ``method`` reads it: ``train`` replaced by :func:`method_train` (its
+    ``per_method`` kept, so that resolving again changes nothing)."""
+    return {**config, "train": method_train(config["train"], method)}
+
+
+def _check_per_method(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Each entry of train.per_method sets only per-run train keys, each valid where train's is (the same
+    schema); a value given as a string on the command line is read as YAML, as everywhere."""
+    train_schema = schema["properties"]["train"]
+    problems = []
+    for method, fragment in config["train"]["per_method"].items():
+        if fragment is None:
+            continue
+        where = f"train.per_method.{method}"
+        for name in fragment:
+            if name in NOT_PER_METHOD:
+                problems.append(f"  {where}.{name}: {name} cannot be set per method: {NOT_PER_METHOD[name]}")
+            elif name not in train_schema["properties"]:
+                allowed = [k for k in train_schema["properties"] if k not in NOT_PER_METHOD]
+                problems.append(f"  {where}.{name}: not a train setting; a method's entry may set: "
+                                + ", ".join(allowed))
+        if problems:
+            continue
+        _read_command_line_strings(fragment, train_schema, schema)
+        # The whole config with this method's train: the rest was valid above, so every error is in the fragment.
+        resolved = {**config, "train": method_train(config["train"], method)}
+        for error in sorted(_validator_requiring_every_key()(schema).iter_errors(resolved),
+                            key=lambda e: list(e.absolute_path)):
+            path = ".".join(str(p) for p in list(error.absolute_path)[1:])
+            problems.append(f"  {where}{'.' + path if path else ''}: {error.message}")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
 
 
 def _check_ablation_variants(config: dict[str, Any]) -> None:
@@ -123,8 +195,8 @@ def _check_names(config: dict[str, Any]) -> None:
     checks = [lambda: features_arguments(config["models"]["features"]),
               lambda: reward_members(config["models"]["reward"], "models.reward")]
     checks += [lambda name=name: lookup(METHODS, name, "method", "train.methods") for name in config["train"]["methods"]]
-    checks += [lambda name=name: lookup(METHODS, name, "method", "train.learning_rates")
-               for name in config["train"]["learning_rates"]]
+    checks += [lambda name=name: lookup(METHODS, name, "method", "train.per_method")
+               for name in config["train"]["per_method"]]
     checks += [lambda label=label, spec=spec: reward_members({"name": label} | spec, f"evaluate.rewards.{label}")
                for label, spec in config["evaluate"]["rewards"].items() if spec is not None]
     problems = []
@@ -140,27 +212,39 @@ def _check_names(config: dict[str, Any]) -> None:
 def _check_consistency(config: dict[str, Any]) -> None:
     from drpo.methods import METHODS
 
-    train = config["train"]
-    k = train["candidates"]
     problems = []
-    for method in train["methods"]:
+    # Each method's runs use train.per_method.<method> merged over train: every check holds for each method's
+    # resolved settings, and names the key where its value comes from.
+    for method in config["train"]["methods"]:
+        train, overrides = method_train(config["train"], method), config["train"]["per_method"].get(method) or {}
+
+        def key(name: str) -> str:
+            return f"train.per_method.{method}.{name}" if name in overrides else f"train.{name}"
+
+        k = train["candidates"]
+        if train["prompts_per_step"] % train["processes"]:
+            problems.append(f"{key('prompts_per_step')} ({train['prompts_per_step']}) must be a multiple of "
+                            f"{key('processes')} ({train['processes']})")
+        if train["checkpoint_every"] > train["steps"]:
+            problems.append(f"{key('checkpoint_every')} ({train['checkpoint_every']}) exceeds {key('steps')} "
+                            f"({train['steps']})")
+        if train["reference"] == "bank" and k != config["train"]["candidates"]:
+            problems.append(f"{key('candidates')} ({k}) differs from train.candidates "
+                            f"({config['train']['candidates']}), but train.reference is bank: one reference bank, "
+                            "built for train.candidates, serves every method; use train.reference: online")
         section = config.get(method, {})
         if "num_pos" in section and section["num_pos"] + section["num_neg"] > k:
             problems.append(
                 f"{method}.num_pos ({section['num_pos']}) + {method}.num_neg ({section['num_neg']}) must not "
-                f"exceed train.candidates (K = {k})"
+                f"exceed {key('candidates')} (K = {k})"
             )
-    if train["prompts_per_step"] % train["processes"]:
-        problems.append(f"train.prompts_per_step ({train['prompts_per_step']}) must be a multiple of "
-                        f"train.processes ({train['processes']})")
-    if "grpo" in train["methods"] and config["grpo"]["num_anchors"] > k:
-        problems.append(f"grpo.num_anchors ({config['grpo']['num_anchors']}) exceeds train.candidates (K = {k})")
-    if "pso" in train["methods"] and k % 2:
-        problems.append(f"pso pairs adjacent candidates, so train.candidates must be even (K = {k})")
-    if train["checkpoint_every"] > train["steps"]:
-        problems.append(
-            f"train.checkpoint_every ({train['checkpoint_every']}) exceeds train.steps ({train['steps']})"
-        )
+        if method == "grpo" and config["grpo"]["num_anchors"] > k:
+            problems.append(f"grpo.num_anchors ({config['grpo']['num_anchors']}) exceeds {key('candidates')} "
+                            f"(K = {k})")
+        if method == "pso" and k % 2:
+            problems.append(f"pso pairs adjacent candidates, so {key('candidates')} must be even (K = {k})")
+    problems = list(dict.fromkeys(problems))  # methods without overrides share train's problems: name each once
+    train = config["train"]
     if not config["world"]["enabled"] and not (config["prompts"]["train"] and config["prompts"]["test"]):
         problems.append("world.enabled is false, so prompts.train and prompts.test must name prompt files")
     if config["world"]["enabled"] and (config["prompts"]["train"] or config["prompts"]["test"]):
@@ -239,7 +323,14 @@ def variant_config(config: dict[str, Any], study: str, variant: str) -> dict[str
     seeds, and judged with the ablations' evaluation settings."""
     ablations = config["ablations"]
     override = ablations["studies"][study]["variants"][variant]
-    return shared_config(merge(config, override))
+    # DrPO's train.per_method entry is resolved first, so that a variant's train keys (K, steps) win over it.
+    return shared_config(merge(resolved_for(config, ABLATION_METHOD), override))
+
+
+def resolved_for(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """``config`` with ``method``'s train.per_method entry merged into train and then dropped (null), so that what
+    is merged over it afterwards wins; ``method``'s runs resolve to the same settings as from ``config``."""
+    return {**config, "train": merge(method_train(config["train"], method), {"per_method": {method: None}})}
 
 
 def shared_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -116,20 +116,23 @@ def make_preference_latents(config: dict, dataset: str | Path, done_out: str | P
 
 def run_settings(config: dict, method: str, seed: int) -> dict:
     """What one training run depends on: the method's section (and the sections whose settings it reuses, and the
-    preference dataset for an offline method), the models, the train settings that shape it (not the list of
-    methods and seeds, nor the process count, which changes no result) and its length. The train rule declares it as
-    params, so a change reruns exactly the runs it concerns."""
+    preference dataset for an offline method), the models, the train settings that shape it, as the method resolves
+    them (train.per_method; not the list of methods and seeds, nor the process count, which changes no result) and
+    its length. The train rule declares it as params, so a change reruns exactly the runs it concerns: another
+    method's entry in train.per_method, or an entry that changes nothing, leaves it as it was."""
+    from drpo.config import method_train
     from drpo.methods import METHODS
 
-    train = config["train"]
+    train = method_train(config["train"], method)
+    # learning_rate last: Snakemake compares params by their repr, so the keys keep the order they had when
+    # this was train.learning_rates' pick, and existing runs are not rerun.
     shared = {key: value for key, value in train.items()
-              if key not in ("methods", "seeds", "learning_rate", "learning_rates", "processes", "main_process_port")}
+              if key not in ("methods", "seeds", "learning_rate", "per_method", "processes", "main_process_port")}
     cls = METHODS[method]
     reused = {section: config[section] for section in cls.shared_settings}
     data = {"preferences": config["preferences"]} if cls.uses_preference_data else {}
     return {"method": method, "seed": seed, method: config.get(method, {}), **reused, **data,
-            "models": config["models"],
-            "train": shared | {"learning_rate": train["learning_rates"].get(method, train["learning_rate"])}}
+            "models": config["models"], "train": shared | {"learning_rate": train["learning_rate"]}}
 
 
 def run_identity(config: dict, method: str, seed: int, rows: list[dict]) -> dict:
@@ -149,11 +152,13 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
     """Train one (method, seed) run; the frozen base's samples come from the bank when one is given. A method that
     trains from a preference dataset reads it from the latent cache whose ``done.json`` is ``preferences_path``: its
     rows are the training prompts (with the GenEval rows of the training prompts they match, for tag balancing)."""
+    from drpo.config import method_config
     from drpo.methods import build_method
     from drpo.preferences import LatentCache, PreferenceSource
     from drpo.reference import OnlineReference, ReferenceBank
     from drpo.train import TrainSettings, train
 
+    config = method_config(config, method_name)  # train as this method's runs use it (train.per_method)
     generator, reward, features = load_models(config)
     method = build_method(method_name, generator, reward, features, config)
     rows = read_rows(prompts_path)
@@ -178,7 +183,7 @@ def run_training(config: dict, method_name: str, seed: int, prompts_path: str | 
                              "rerun the reference_bank rule")
     else:
         source = OnlineReference(generator, prompts, candidates=config["train"]["candidates"], seed=seed)
-    settings = TrainSettings.from_config(config["train"], seed, method_name)
+    settings = TrainSettings.from_config(config["train"], seed)
     return train(method, source, settings, run_dir, identity=identity, metadata=metadata, log=log,
                  provenance=lambda folder: write_provenance(folder, config, {"method": method_name, "seed": seed}))
 

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from drpo import run_folder
-from drpo.config import checkpoint_steps
+from drpo.config import checkpoint_steps, method_train
 from drpo.lora import add_lora, load_lora, save_lora
 from drpo.methods.base import Measure, Method, PromptBatch, unmeasured
 from drpo.preferences.source import PreferenceSource
@@ -58,12 +58,13 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, train: dict, seed: int, method: str | None = None) -> "TrainSettings":
-        """Settings of one run; ``train.learning_rates[method]``, when set, overrides ``train.learning_rate``."""
-        keys = ("steps", "prompts_per_step", "candidates", "checkpoint_every",
+        """Settings of one run from the ``train`` section; with ``method``, as that method resolves it
+        (``train.per_method[method]`` merged over it, drpo.config.method_train)."""
+        if method is not None:
+            train = method_train(train, method)
+        keys = ("steps", "prompts_per_step", "candidates", "checkpoint_every", "learning_rate",
                 "weight_decay", "adam_eps", "max_grad_norm", "mixed_precision", "lora", "balance_tags")
-        learning_rate = train.get("learning_rates", {}).get(method, train["learning_rate"])
-        return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), learning_rate=learning_rate,
-                   **{k: train[k] for k in keys})
+        return cls(seed=seed, adam_betas=tuple(train["adam_betas"]), **{k: train[k] for k in keys})
 
 
 class PromptSchedule:

@@ -45,7 +45,7 @@ rule ablation_train:
     message:
         "Ablation {wildcards.study} = {wildcards.variant}: training {wildcards.method}, seed {wildcards.seed}"
     resources:
-        gpu=config["train"]["processes"] if config["device"] == "cuda" else 0,
+        gpu=lambda w: train_of(w.method, config_of(w))["processes"] if config["device"] == "cuda" else 0,
     script:
         "../scripts/train.py"
 
@@ -95,7 +95,7 @@ def study_summaries(study):
     base = ABL_DEFAULT_EVAL.format(method="base", seed=0, step=0) + "/summary.json"
     out = [("base", base)]
     for variant in STUDIES[study]["variants"]:
-        steps = variant_config(config, study, variant)["train"]["steps"]
+        steps = train_of(ABLATION_METHOD, variant_config(config, study, variant))["steps"]
         for seed in config["ablations"]["seeds"]:
             if is_shared(config, study, variant):
                 path = ABL_DEFAULT_EVAL.format(method=ABLATION_METHOD, seed=seed, step=steps)

@@ -2,7 +2,7 @@
 import os
 from pathlib import Path
 
-from drpo.config import checkpoint_steps, validate_config
+from drpo.config import checkpoint_steps, method_train, validate_config
 from drpo.methods import METHODS
 from drpo.pipeline import run_settings
 
@@ -117,10 +117,16 @@ def evaluation_inputs(cfg, done=None):
     return inputs
 
 
+def train_of(method, cfg=None):
+    """The train section as ``method``'s runs use it (train.per_method merged over train)."""
+    return method_train((cfg or config)["train"], method)
+
+
 def eval_summaries():
     out = [f"{R}/eval/base/seed0/step0/summary.json"]
-    steps = checkpoint_steps(config["train"]["steps"], config["train"]["checkpoint_every"])
     for method in config["train"]["methods"]:
+        train = train_of(method)  # each method's own steps and checkpoints
+        steps = checkpoint_steps(train["steps"], train["checkpoint_every"])
         for seed in config["train"]["seeds"]:
             out += [EVAL.format(method=method, seed=seed, step=s) + "/summary.json" for s in steps]
     return out

@@ -1,6 +1,6 @@
 # Online training, one job per (method, seed). Checkpoints are written inside the run folder but
 # are not declared outputs: Snakemake deletes the outputs of a failed job, and a rerun must find
-# them to resume. train_done.json is written last. With train.processes > 1 the job runs
+# them to resume. train_done.json is written last. With the method's train.processes > 1 the job runs
 # `accelerate launch` over that many GPUs (one Slurm task holding all of them, see profiles/slurm). An offline method
 # (drpo.methods.offline*) trains from the preference dataset's latent cache (rules/preferences.smk).
 
@@ -27,8 +27,11 @@ rule train:
         # config.resolved.yaml; the run folder refuses to resume from checkpoints of other settings.
         run=run_settings_of,
     message:
-        "Training {wildcards.method}, seed {wildcards.seed}"
+        ("Training {wildcards.method}, seed {wildcards.seed}: {params.run[train][steps]} updates of "
+         "{params.run[train][prompts_per_step]} prompts x K={params.run[train][candidates]}, "
+         "{params.run[train][mixed_precision]}, lr {params.run[train][learning_rate]}, GPUs: {resources.gpu}")
     resources:
-        gpu=config["train"]["processes"] if config["device"] == "cuda" else 0,
+        # The method's own process count (train.per_method).
+        gpu=lambda w: train_of(w.method)["processes"] if config["device"] == "cuda" else 0,
     script:
         "../scripts/train.py"

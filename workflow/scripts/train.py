@@ -1,5 +1,5 @@
-"""Train one run in this process, or under `accelerate launch` when train.processes > 1; an ablation variant's run
-(params.variant: study and variant) with that variant's config."""
+"""Train one run in this process, or under `accelerate launch` when the method's train.processes > 1
+(train.per_method); an ablation variant's run (params.variant: study and variant) with that variant's config."""
 
 import signal
 import subprocess
@@ -10,13 +10,14 @@ import yaml
 from _job import start
 
 start(snakemake)
-from drpo.config import variant_config
+from drpo.config import method_config, variant_config
 from drpo.pipeline import run_training
 from drpo.processes import child_ends_with_parent
 
 config, w = snakemake.config, snakemake.wildcards
 if variant := getattr(snakemake.params, "variant", None):
     config = variant_config(config, *variant)
+config = method_config(config, w.method)  # this method's train settings (train.per_method): its processes, port
 run_dir = Path(snakemake.output.done).parent
 bank = snakemake.input.get("bank")
 preferences = snakemake.input.get("preferences")  # the latent cache of an offline method's dataset

@@ -214,7 +214,8 @@ def miniature_models(config: dict, prompts: Sequence[str], *, reward_hidden: int
 
 def measured_config(config: dict) -> dict:
     """The config the measured profile trains with: the configured one with the protocol of ``cost.measured``
-    (K, prompts per update and DrPO's anchors; one process)."""
+    (K, prompts per update and DrPO's anchors; one process). Every measured method runs this one protocol, so
+    train.per_method does not apply here: the cost report compares methods at matched shapes."""
     section = config["cost"]["measured"]
     return merge(config, {"train": {"candidates": section["candidates"], "prompts_per_step": section["accumulation"],
                                     "processes": 1},

@@ -134,9 +134,10 @@ def eval_summaries():
 
 def last_step_summaries(pattern, **fields):
     """The summaries of the base (seed 0, step 0) and of every run's last checkpoint, by the EVAL-like ``pattern``."""
-    last = checkpoint_steps(config["train"]["steps"], config["train"]["checkpoint_every"])[-1]
     out = [pattern.format(method="base", seed=0, step=0, **fields) + "/summary.json"]
     for method in config["train"]["methods"]:
+        train = train_of(method)
+        last = checkpoint_steps(train["steps"], train["checkpoint_every"])[-1]
         out += [pattern.format(method=method, seed=seed, step=last, **fields) + "/summary.json"
                 for seed in config["train"]["seeds"]]
     return out

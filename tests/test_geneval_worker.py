@@ -7,6 +7,7 @@ script's globals. The fake judge is deterministic and reads the image (one detec
 a colour channel, class 0 "person" red, 1 "bicycle" green, 2 "car" blue; tests/fake_reward_packages/mmdet/apis.py).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,12 +24,11 @@ ENV = {"PYTHONPATH": str(FAKE_PACKAGES)}
 
 
 def _tiny_state() -> dict:
-    sys.path.insert(0, str(FAKE_PACKAGES))
-    try:
-        from fake_tiny import TinyModel
-    finally:
-        sys.path.remove(str(FAKE_PACKAGES))
-    return TinyModel().state_dict()
+    """The fake models' state dict (fake_tiny.TinyModel, loaded by its path: the fakes stay out of this process)."""
+    spec = importlib.util.spec_from_file_location("_test_geneval_fake_tiny", FAKE_PACKAGES / "fake_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TinyModel().state_dict()
 
 
 def _weights(folder: Path, detector_state: dict | None = None, clip_state: dict | None = None) -> dict[str, Path]:

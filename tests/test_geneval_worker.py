@@ -124,3 +124,26 @@ def test_a_worker_without_details_says_so_when_they_are_asked():
         with pytest.raises(WorkerError, match="sent no per-image details"):
             reward.score_with_details(-torch.ones(2, 3, 8, 8), ["a", "b"])
         assert reward.score(-torch.ones(2, 3, 8, 8), ["a", "b"]).tolist() == [0.0, 0.0]  # still in step
+
+
+def test_the_evaluation_takes_its_geneval_columns_from_the_worker(geneval, tiny_config):
+    """The official worker as an evaluation reward at paper scale (no world): its verdicts are the per-image
+    correct / reason columns and the per-task table, in the pass that scores it."""
+    from drpo.evaluate import GENEVAL_TAGS, sample_latents, score_latents, summarize
+    from drpo.pipeline import load_models
+
+    generator, clip, _ = load_models(tiny_config, features=False)
+    rows, seeds = [row for _, row, *_ in CASES], [1, 2]
+    latents = sample_latents(generator, [row["prompt"] for row in rows], seeds, batch_size=8)
+    per_image, per_prompt = score_latents(generator, clip, latents, rows, seeds, batch_size=4,
+                                          held_out={"geneval": geneval})
+    assert per_image["reward_geneval"].tolist() == per_image["correct"].astype(float).tolist()
+    assert (per_image["reason"] == "").tolist() == per_image["correct"].tolist()
+    assert per_image["reason"].str.startswith("expected ").tolist() == (~per_image["correct"]).tolist()
+    summary = summarize(per_image, per_prompt, reward_scale=100.0, held_out_scales={"geneval": 100.0})
+    by_tag = per_image.groupby("tag")["correct"].mean() * 100
+    assert summary["geneval_overall"] == pytest.approx(by_tag.mean())
+    assert [summary[f"geneval_{tag}"] for tag in ("counting", "single_object", "two_object")] == pytest.approx(
+        [by_tag[tag] for tag in ("counting", "single_object", "two_object")])
+    assert all(summary[f"geneval_{tag}"] != summary[f"geneval_{tag}"] for tag in GENEVAL_TAGS
+               if tag not in by_tag)  # NaN: no prompt of that task here

@@ -162,10 +162,9 @@ def _diversity(embeddings: torch.Tensor, prompt_indices: list[int], n_seeds: int
 
 def summarize(per_image: pd.DataFrame, per_prompt: pd.DataFrame, *, reward_scale: float,
               held_out_scales: dict[str, float] | None = None) -> dict[str, float]:
-    """One row of the results table: rewards x their report scales, GenEval per tag and overall (from the
-    ``correct`` column: the miniature's detector or a GenEval judge's verdicts), diversity. Rewards are means over
-    prompts of the per-prompt means, so that every prompt weighs the same whatever its number of seeds; GenEval is
-    the accuracy over a tag's images, as in GenEval."""
+    """One row of the results table: rewards x their report scales, GenEval-lite per tag and overall,
+    diversity. Rewards are means over prompts of the per-prompt means, so that every prompt weighs the same
+    whatever its number of seeds; GenEval-lite is the accuracy over a tag's images, as in GenEval."""
     by_prompt = per_image.groupby("prompt_index")
     summary = {"reward": float(by_prompt["reward"].mean().mean() * reward_scale),
                "diversity": float(per_prompt["diversity"].mean())}

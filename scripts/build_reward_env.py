@@ -25,7 +25,8 @@ ENVS = ROOT / "envs"
 
 
 def read_spec(name: str) -> tuple[str, list[str], list[str]]:
-    """envs/<name>.yaml -> (python version, pip pins, conda-only packages)."""
+    """envs/<name>.yaml -> (python version, pip pins, conda-only packages). The pins keep pip's option lines
+    (e.g. --find-links=URL, written with "=" so that each is one argument of `pip install`)."""
     spec = yaml.safe_load((ENVS / f"{name}.yaml").read_text())
     python, pins, conda_only = None, [], []
     for dependency in spec["dependencies"]:

@@ -40,8 +40,9 @@ ENVIRONMENTS = {
                     "weights": True},
     "hpsv3": {"reward": "hpsv3_official", "build": "make reward-env-hpsv3", "cuda_only": True,
               "refuses_cpu": True, "weights": False},
-    "geneval": {"reward": "geneval", "build": "conda env create -f envs/geneval.yaml -p envs/.geneval (its header "
-                "says what it needs)", "cuda_only": True, "refuses_cpu": False, "weights": False},
+    "geneval": {"reward": "geneval", "build": "PIP_NO_BUILD_ISOLATION=0 MMCV_WITH_OPS=1 conda env create -f "
+                "envs/geneval.yaml -p envs/.geneval (its header says what it needs)", "cuda_only": True,
+                "refuses_cpu": False, "weights": False},
 }
 # Placeholder local files of a GPU-only worker, enough to reach its CUDA refusal on a CPU device.
 PLACEHOLDERS = {"hpsv3_official": {"model_path": "dir", "checkpoint_path": "file"}}

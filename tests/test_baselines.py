@@ -148,7 +148,9 @@ def test_grpo_rolls_out_the_neighbor_group_and_regularises_anchors_to_the_base(t
     latents = generator.sample(generator.encode_prompts([batch.prompt]), group, adapters=False)
     expected = reward.score(generator.decode(latents), [batch.prompt] * 6)
     assert logs["reward_mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
-    assert logs["ratio_mean"] == pytest.approx(1.0) and logs["reference_l2"] == pytest.approx(0.0, abs=1e-12)
+    # The ratio starts at 1 up to float32 noise: the old samples come from a batch of K, the current ones from a batch
+    # of the anchors, and the kernel's log-probabilities amplify a few ulps (0.999997 on a 2-core machine).
+    assert logs["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and logs["reference_l2"] == pytest.approx(0.0, abs=1e-12)
     advantages = quasi_norm_advantages(expected, p=0.8, clip=5.0)
     assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-6)  # ratio 1: loss = −mean A
 

@@ -101,7 +101,8 @@ def _start(name: str, files: dict[str, Path], device: str):
 
 @pytest.mark.parametrize("name", FAKES)
 def test_every_worker_scores_with_its_model_weights(tmp_path, name):
-    metadata = [{"tag": "single_object"}] * 2 if WORKERS[name].requires_metadata else None
+    metadata = [{"tag": "single_object", "prompt": prompt, "include": [{"class": "person", "count": 1}]}
+                for prompt in ("a cat", "a dog")] if WORKERS[name].requires_metadata else None
     with _start(name, _files(name, tmp_path), FAKES[name]["device"]) as reward:
         assert torch.isfinite(reward.score(torch.rand(2, 3, 8, 8) * 2 - 1, ["a cat", "a dog"], metadata)).all()
 

@@ -1,5 +1,6 @@
-"""The Snakemake DAG resolves for the default config and both paper presets; bad configs fail early."""
+"""The Snakemake DAG resolves for the default config and the paper presets; bad configs fail early."""
 
+import json
 import re
 import subprocess
 import sys
@@ -200,3 +201,71 @@ def test_the_sd_turbo_preset_switches_to_an_offline_mode_by_naming_a_dataset(tmp
     jobs = _job_counts(result.stdout)
     assert jobs["check_assets"] == 1 and jobs["preference_latents"] == 1 and jobs["train"] == 1
     assert "world_preferences_pickapic" not in jobs
+
+
+GENEVAL_PRESET = (REPO / "configs" / "sd-turbo.yaml", REPO / "configs" / "sd-turbo-geneval.yaml")
+# GenEval-style metadata rows, one of each task (the preset reads GenEval's evaluation_metadata.jsonl).
+GENEVAL_ROWS = [
+    {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+    {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+     "prompt": "a photo of a dog and a cat"},
+    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+     "prompt": "a photo of two dogs"},
+    {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a photo of a red dog"},
+    {"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1,
+                                                                   "position": ["right of", 0]}],
+     "prompt": "a photo of a cat right of a dog"},
+    {"tag": "color_attr", "include": [{"class": "dog", "count": 1, "color": "red"},
+                                      {"class": "cat", "count": 1, "color": "blue"}],
+     "prompt": "a photo of a red dog and a blue cat"},
+]
+
+
+def test_the_geneval_preset_resolves_training_and_evaluating_on_genevals_prompts(tmp_path):
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in GENEVAL_ROWS))
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"),
+                                        "prompts": {"train": str(metadata), "test": str(metadata)}}))
+    result = _dry_run(tmp_path, *GENEVAL_PRESET, override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _job_counts(result.stdout)
+    assert jobs["check_assets"] == 1 and jobs["train"] == 1 and jobs["report"] == 1
+    assert jobs["evaluate"] == 11  # base + a checkpoint every 100 of 1000 updates
+    assert not {"world_prompts", "miniature_reward", "miniature_heldout_reward"} & set(jobs)  # paper scale
+
+
+def test_the_geneval_preset_is_the_papers_recipe_and_its_asset_check_names_every_file(tmp_path, monkeypatch):
+    from drpo.assets import missing_assets, required_assets
+    from drpo.config import load_config
+
+    config = load_config(REPO / "config.yaml", *GENEVAL_PRESET)
+    sd_turbo = load_config(REPO / "config.yaml", GENEVAL_PRESET[0])
+    # Method spec 2.10 / 3.1 / 5.6: train = test = GenEval's prompts, the official judge as target, K 24, pools of
+    # 8 + 8 over up to 4 rounds, lambda 0.2 and latent L2 0.2, 4 images per prompt.
+    assert config["prompts"]["train"] == config["prompts"]["test"] and config["prompts"]["test"].endswith(
+        "evaluation_metadata.jsonl")
+    assert config["models"]["reward"]["name"] == "geneval" and config["train"]["candidates"] == 24
+    drpo = config["drpo"]
+    assert (drpo["rollout_rounds"], drpo["num_pos"], drpo["num_neg"]) == (4, 8, 8)
+    assert drpo["reference_loss_weight"] == drpo["reference_l2_weight"] == 0.2
+    assert config["evaluate"]["seeds"] == [42, 43, 44, 45] and config["evaluate"]["min_images_per_tag"] == 0
+    for section in ("generator", "features"):
+        assert config["models"][section] == sd_turbo["models"][section]
+    assert {k: v for k, v in config["drpo"].items() if k not in ("rollout_rounds", "reference_l2_weight")} == {
+        k: v for k, v in sd_turbo["drpo"].items() if k not in ("rollout_rounds", "reference_l2_weight")}
+
+    monkeypatch.chdir(tmp_path)
+    paths = {asset.path: asset.what for asset in required_assets(config)}
+    reward = config["models"]["reward"]
+    assert {f"{reward['geneval_dir']}/evaluation/evaluate_images.py",
+            f"{reward['geneval_dir']}/evaluation/object_names.txt", reward["detector_checkpoint"],
+            reward["clip_checkpoint"], reward["python"], config["prompts"]["test"]} <= set(paths)
+    assert "worker's python" in paths[reward["python"]]
+    assert not any("PickScore" in path or "HPS" in path or "ImageReward" in path for path in paths)
+    # With a file at every listed path (the fake local assets), nothing is missing.
+    assert len(missing_assets(config)) == len(paths)
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
+    assert missing_assets(config) == []

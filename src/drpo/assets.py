@@ -63,12 +63,17 @@ def feature_assets(spec: dict) -> list[Asset]:
 
 
 _FILE_KEYS = ("_path", "_checkpoint", "_config", "_dir", "checkpoint")
+# Folder arguments that stand for the files a worker reads in them (an empty folder is not the asset).
+_FOLDER_FILES = {
+    "geneval_dir": {"evaluation/evaluate_images.py": "GenEval's judge script (a clone of djghosh13/geneval)",
+                    "evaluation/object_names.txt": "GenEval's detector class names (a clone of djghosh13/geneval)"},
+}
 
 
 def reward_assets(spec: dict) -> list[Asset]:
     """Files of a reward spec ({"name", "path", ...kwargs} or an ensemble), read off its arguments:
-    a model folder ("path"/"model_path"), every *_path/*_checkpoint/*_config/*_dir argument, and the
-    python of a worker's environment."""
+    a model folder ("path"/"model_path"), every *_path/*_checkpoint/*_config/*_dir argument (the files a worker
+    reads in a folder of _FOLDER_FILES, e.g. GenEval's clone), and the python of a worker's environment."""
     if "ensemble" in spec:
         return [asset for key, member in spec["ensemble"].items()
                 for asset in reward_assets({"name": key} | member)]
@@ -81,6 +86,9 @@ def reward_assets(spec: dict) -> list[Asset]:
             assets += [Asset(f"{value}/config.json", f"{name} reward model config"),
                        Asset(f"{value}/model.safetensors", f"{name} reward model weights",
                              (f"{value}/model.safetensors.index.json", f"{value}/pytorch_model.bin"))]
+        elif key in _FOLDER_FILES:
+            assets += [Asset(f"{value}/{file}", f"{name} reward: {key}: {what}")
+                       for file, what in _FOLDER_FILES[key].items()]
         elif key.endswith(_FILE_KEYS):
             assets.append(Asset(value, f"{name} reward: {key}"))
         elif key == "python":

@@ -2,7 +2,8 @@
 
 Protocol (method spec 3.6): image j of prompt i uses a latent noise drawn from a generator seeded
 with ``seed * 1_000_000 + i``, one image per (prompt, evaluation seed). Per image we record the
-target reward and, in the miniature world, the GenEval-lite verdict of the procedural detector.
+target reward and GenEval's verdict: in the miniature world the procedural detector's, elsewhere that of a
+GenEval judge among the rewards (the official ``geneval`` worker, or ``geneval_lite``) when there is one.
 Per prompt we record diversity: the mean pairwise cosine distance of the reward model's image
 embeddings across seeds (the paper's CLIP/DINO diversity).
 
@@ -86,6 +87,8 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
     or {"prompt": ...} at paper scale); ``world_spec`` enables the GenEval-lite detector;
     ``held_out`` maps labels to further rewards scored on the same images (column reward_<label>);
     ``prompt_indices`` are the rows' indices in their split (tables and sample folders use them).
+    Without ``world_spec``, the first GenEval judge among the target and the held-out rewards (a reward with
+    ``score_verdicts``: ``geneval``, ``geneval_lite``) gives the columns ``correct`` and ``reason``.
     Diversity is measured in the image embeddings of the held-out reward labelled ``diversity_from`` or, without
     one, of the target reward or, for a target without them (the detector), of the first held-out reward that has
     them; it is NaN when no reward has any.
@@ -100,6 +103,12 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
         embedder = next((r for r in (reward, *held_out.values()) if hasattr(r, "embed_images")), None)
     from drpo.world.detect import judge_image
 
+    # GenEval's per-image verdict: the miniature's detector when the world is on, else a GenEval judge among the
+    # rewards. The detector takes precedence: it also gives the strict verdict and the object counts, and in the
+    # miniature the geneval_lite reward is that detector (the same verdicts), so the columns keep one source.
+    judge = None if world_spec is not None else next(
+        (r for r in (reward, *held_out.values()) if hasattr(r, "score_verdicts")), None)
+
     n_seeds = len(seeds)
     if latents.shape[0] != len(rows) * n_seeds:
         raise ValueError(f"{latents.shape[0]} latents for {len(rows)} prompts x {n_seeds} seeds")
@@ -108,8 +117,10 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
         batch_rows = [rows[i // n_seeds] for i in range(start, min(start + batch_size, latents.shape[0]))]
         images = generator.decode(latents[start:start + batch_size].to(generator.device, generator.dtype))
         prompts = [row["prompt"] for row in batch_rows]
-        scores = reward.score(images, prompts, metadata=batch_rows)
-        extra = {label: other.score(images, prompts, metadata=batch_rows).tolist()
+        # The judge scores and judges in one pass; its scores are not asked for again.
+        judged, verdicts = (None, None) if judge is None else judge.score_verdicts(images, prompts, batch_rows)
+        scores = judged if reward is judge else reward.score(images, prompts, metadata=batch_rows)
+        extra = {label: (judged if other is judge else other.score(images, prompts, metadata=batch_rows)).tolist()
                  for label, other in held_out.items()}
         if embedder is not None:
             embeddings.append(embedder.embed_images(images).float().cpu())
@@ -124,6 +135,8 @@ def score_latents(generator, reward, latents: torch.Tensor, rows: list[dict], se
                 verdict = judge_image(image, row, world_spec)
                 record |= {"correct": verdict.correct, "correct_strict": verdict.strict, "objects": verdict.objects,
                            "reason": verdict.reason}
+            elif verdicts is not None:
+                record |= {"correct": verdicts[offset]["correct"], "reason": verdicts[offset]["reason"]}
             records.append(record)
             if images_dir is not None:
                 images_u8.append(image)

@@ -29,6 +29,8 @@ class Reward(ABC):
     `requires_metadata`: the reward needs one metadata dict per image (per prompt in `score_groups`).
     `takes_device`: the constructor takes a `device` argument, so a config build can place the reward on the
     workflow's device (`build_reward_from_config(spec, device=...)`); a reward without one runs where it runs.
+    A GenEval judge (geneval, geneval_lite) also has `score_verdicts(images, prompts, metadata) -> (scores (N,),
+    [{"correct": bool, "reason": str}] * N)`, from which the evaluation takes GenEval's per-task table.
     """
 
     name: str = "reward"

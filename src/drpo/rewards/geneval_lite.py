@@ -15,7 +15,8 @@ class GenEvalLiteReward(Reward):
     """The miniature world's GenEval: 1.0 if the procedural detector judges the image correct, else 0.0.
 
     Needs one GenEval metadata row per image (tag, include, exclude, prompt); a row's prompt must match the prompt
-    scored with it. Images are rounded to uint8 first, as the evaluation's PNGs are.
+    scored with it. Images are rounded to uint8 first, as the evaluation's PNGs are. A GenEval judge for the
+    evaluation (drpo.evaluate), as the official worker: `score_verdicts` also returns the verdict per image.
     """
 
     name = "geneval_lite"
@@ -26,10 +27,23 @@ class GenEvalLiteReward(Reward):
         self.spec = spec if isinstance(spec, WorldSpec) else WorldSpec.from_dict(spec or {})
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
+        return self._judge(images, prompts, metadata)[0]
+
+    def _judge(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, list[dict]]:
         for i, (prompt, row) in enumerate(zip(prompts, metadata)):
             validate_row(row, f"reward {self.name!r}: metadata row {i}")
             if row["prompt"] != prompt:
                 raise ValueError(f"reward {self.name!r}: metadata row {i} is for {row['prompt']!r}, not {prompt!r}")
-        pixels = self._to_uint8(images)
-        return torch.tensor([float(judge(image, row, self.spec)[0]) for image, row in zip(pixels, metadata)])
+        verdicts = [judge(image, row, self.spec) for image, row in zip(self._to_uint8(images), metadata)]
+        return (torch.tensor([float(correct) for correct, _ in verdicts]),
+                [{"correct": bool(correct), "reason": reason} for correct, reason in verdicts])
+
+    def score_verdicts(self, images: Tensor, prompts: list[str],
+                       metadata: list[dict] | None = None) -> tuple[Tensor, list[dict]]:
+        """(scores (N,), N verdicts {"correct": bool, "reason": str}), as the official GenEval worker's."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward {self.name!r} expects images (N, 3, H, W), got shape {tuple(images.shape)}")
+        self._check_lengths(images.shape[0], prompts, metadata, "images")
+        scores, verdicts = self._judge(images, list(prompts), metadata)
+        return self._check_scores(scores, (images.shape[0],)), verdicts
 

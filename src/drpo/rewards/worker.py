@@ -2,15 +2,17 @@
 
 WorkerReward (the client, registered as "worker") and WorkerError; the named worker rewards ImageRewardWorker,
 HPSv2Worker, GenEvalWorker and HPSv3OfficialWorker, which start the scripts in workers/ beside this module. They
-share the module (which makes it a little over 400 lines) because each is only the command line of its script.
+share the module (which makes it a little under 500 lines) because each is only the command line of its script.
 
 A reward whose package clashes with ours (ImageReward: timm 0.6.13; HPSv2: open_clip; GenEval: mmdet 2.x;
 the official HPSv3: transformers 4.45) runs as a worker in its own environment (envs/*.yaml). The line protocol
 (version 1; server side in workers/protocol.py, which workers copy or import):
 
     worker -> {"ready": true, "protocol": 1, "name": "imagereward", "version": "1.5"}     first line (handshake)
-    client -> {"id": 7, "prompts": [...], "images": [base64 PNG, ...], "metadata": [...] or null}
-    worker -> {"id": 7, "scores": [...]}   or   {"id": 7, "error": "...", "traceback": "..." (optional)}
+    client -> {"id": 7, "prompts": [...], "images": [base64 PNG, ...], "metadata": [...] or null,
+               "details": true (optional; only `score_with_details` asks)}
+    worker -> {"id": 7, "scores": [...], "details": [{...}, ...] (only if asked, and the worker has them)}
+              or {"id": 7, "error": "...", "traceback": "..." (optional)}
     client closes stdin -> worker exits 0
 
 One JSON object per line on stdin/stdout; stdout carries nothing else, stderr is the worker's log. Images are
@@ -266,7 +268,9 @@ class WorkerReward(Reward):
         self.close()
 
     # ------------------------------------------------------------------------------------------ scoring
-    def _request(self, prompts: list[str], pixels: np.ndarray, metadata: list | None) -> list[float]:
+    def _request(self, prompts: list[str], pixels: np.ndarray, metadata: list | None,
+                 details: bool = False) -> tuple[list[float], list | None]:
+        """Scores of one request and, when ``details`` is asked and the worker sends them, its per-image details."""
         if self._proc is None:
             if self._failures > self.max_restarts:
                 raise WorkerError(f"{self._who()}: not restarted after {self._failures} failures; last error:\n"
@@ -275,8 +279,9 @@ class WorkerReward(Reward):
         self._next_id += 1
         request_id = self._next_id
         try:
-            line = json.dumps({"id": request_id, "prompts": prompts, "images": [encode_png(p) for p in pixels],
-                               "metadata": metadata}, allow_nan=False)
+            request = {"id": request_id, "prompts": prompts, "images": [encode_png(p) for p in pixels],
+                       "metadata": metadata}
+            line = json.dumps(request | ({"details": True} if details else {}), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"reward {self.name!r}: metadata is not JSON-serialisable: {exc}") from exc
         self._send(line.encode("utf-8") + b"\n", request_id)
@@ -297,7 +302,11 @@ class WorkerReward(Reward):
         if bad:
             raise WorkerError(f"{self._who()}: returned non-finite scores at indices {bad} "
                               f"(values {[scores[i] for i in bad[:8]]}); refusing to rank them")
-        return scores
+        per_image = reply.get("details") if details else None
+        if per_image is not None and (not isinstance(per_image, list) or len(per_image) != len(prompts)):
+            got = f"{len(per_image)} details" if isinstance(per_image, list) else f"details {str(per_image)[:200]}"
+            raise WorkerError(f"{self._who()}: returned {got} for {len(prompts)} images")
+        return scores, per_image
 
     def _send(self, data: bytes, request_id: int) -> None:
         """Write a request; in a thread, because a worker that stops reading would block a large write forever."""
@@ -319,13 +328,38 @@ class WorkerReward(Reward):
             self._fail(f"the worker exited with code {self._exit_code()} before it took request {request_id}")
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
+        return self._batches(images, prompts, metadata, details=False)[0]
+
+    def _batches(self, images: Tensor, prompts: list[str], metadata: list[dict] | None,
+                 details: bool) -> tuple[Tensor, list | None]:
+        """Every image through requests of at most `batch_size`: (scores (N,), N details or None if any request
+        came back without them)."""
         pixels = self._to_uint8(images)
         scores: list[float] = []
+        per_image: list | None = []
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
-            scores += self._request(prompts[start:end], pixels[start:end],
-                                    None if metadata is None else list(metadata[start:end]))
-        return torch.tensor(scores, dtype=torch.float64).float()
+            batch_scores, batch_details = self._request(prompts[start:end], pixels[start:end],
+                                                        None if metadata is None else list(metadata[start:end]),
+                                                        details)
+            scores += batch_scores
+            per_image = None if per_image is None or batch_details is None else per_image + batch_details
+        return torch.tensor(scores, dtype=torch.float64).float(), per_image
+
+    def score_with_details(self, images: Tensor, prompts: list[str],
+                           metadata: list[dict] | None = None) -> tuple[Tensor, list]:
+        """`score` plus the worker's per-image details (one JSON object per image, what the worker defines), in
+        one pass: (scores (N,) float32 on CPU, N details). Training calls `score`, whose requests ask for none.
+        WorkerError if the worker sends none."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward {self.name!r} expects images (N, 3, H, W), got shape {tuple(images.shape)}")
+        self._check_lengths(images.shape[0], prompts, metadata, "images")
+        with torch.no_grad():
+            scores, per_image = self._batches(images, list(prompts), metadata, details=True)
+        if per_image is None:
+            raise WorkerError(f"{self._who()}: sent no per-image details, which were asked for (its protocol "
+                              "replies lack \"details\")")
+        return self._check_scores(scores, (images.shape[0],)), per_image
 
 
 def _traceback_note(tail: object) -> str:
@@ -395,11 +429,13 @@ class GenEvalWorker(WorkerReward):
 
     Score per image: 1.0 if GenEval judges it correct, else 0.0; needs one GenEval metadata row per image.
     `geneval_dir` is a local clone of djghosh13/geneval; `detector_config` defaults to mmdet's own config file.
+    A GenEval judge for the evaluation (drpo.evaluate): `score_verdicts` also returns GenEval's verdict per image.
     """
 
     name = "geneval"
     requires_metadata = True
     takes_device = True
+    report_scale = 100.0  # tables show the share of correct images in %, as geneval_lite's
 
     def __init__(self, python: str | Sequence[str], geneval_dir: str, detector_checkpoint: str, clip_checkpoint: str,
                  *, detector_config: str | None = None, device: str = "cuda", **kwargs: Any) -> None:
@@ -410,6 +446,17 @@ class GenEvalWorker(WorkerReward):
                                   detector_checkpoint, "--clip-checkpoint", clip_checkpoint, *config,
                                   "--device", device)
         super().__init__(command, **kwargs)
+
+    def score_verdicts(self, images: Tensor, prompts: list[str],
+                       metadata: list[dict] | None = None) -> tuple[Tensor, list[dict]]:
+        """(scores (N,), N verdicts {"correct": bool, "reason": str}): GenEval's per-image results, one pass."""
+        scores, verdicts = self.score_with_details(images, prompts, metadata)
+        for i, (score, verdict) in enumerate(zip(scores.tolist(), verdicts)):
+            if not (isinstance(verdict, dict) and isinstance(verdict.get("correct"), bool)
+                    and isinstance(verdict.get("reason"), str)) or score != float(verdict["correct"]):
+                raise WorkerError(f"{self._who()}: image {i}: score {score} with verdict {str(verdict)[:200]}, "
+                                  "expected {\"correct\": bool, \"reason\": str} agreeing with the score")
+        return scores, [{"correct": v["correct"], "reason": v["reason"]} for v in verdicts]
 
 
 class HPSv3OfficialWorker(WorkerReward):

@@ -5,7 +5,9 @@ Swin-S (mmdet 2.x) detection, CLIP ViT-L-14 colour classification, GenEval's rul
 and thresholds as globals in `__main__`; this worker imports it and sets the same globals, with local weights
 and GenEval's defaults (confidence 0.3, 0.9 for counting, 16 objects per class, no NMS, position margin 0.1).
 Score per image: 1.0 if GenEval judges it correct, else 0.0. Each image needs its GenEval metadata row. Both weights
-files must hold exactly their model's tensors.
+files must hold exactly their model's tensors. Asked for details (the evaluation asks, training does not), the reply
+carries GenEval's verdict per image as well: {"correct": bool, "reason": str}, the reason being GenEval's own text
+(empty when correct); the image's tag is its metadata row's.
 """
 
 import argparse
@@ -66,12 +68,13 @@ def load(args):
     def score(images, prompts, metadata):
         if metadata is None:
             raise ValueError("GenEval needs one metadata row (tag, include, exclude, prompt) per image")
-        scores = []
+        verdicts = []
         for i, (image, row) in enumerate(zip(images, metadata)):
             path = os.path.join(scratch.name, f"{i:05d}.png")  # GenEval's detector reads image files
             image.save(path)
-            scores.append(1.0 if geneval.evaluate_image(path, row)["correct"] else 0.0)
-        return scores
+            result = geneval.evaluate_image(path, row)
+            verdicts.append({"correct": bool(result["correct"]), "reason": str(result.get("reason") or "")})
+        return {"scores": [1.0 if verdict["correct"] else 0.0 for verdict in verdicts], "details": verdicts}
 
     return score
 

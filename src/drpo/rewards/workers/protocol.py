@@ -15,9 +15,12 @@ library and Pillow. A worker script next to it does
 The protocol: one JSON object per line, UTF-8, on stdin (requests) and stdout (handshake and responses).
 - Handshake, the worker's first line: {"ready": true, "protocol": 1, "name": str, "version": str};
   if loading fails: {"ready": false, "error": str}, then exit code 1.
-- Request: {"id": int, "prompts": [str] * N, "images": [base64 PNG] * N, "metadata": [object] * N or null}.
+- Request: {"id": int, "prompts": [str] * N, "images": [base64 PNG] * N, "metadata": [object] * N or null,
+  "details": true (optional: the client wants per-image details; absent or false: scores only)}.
 - Response: {"id": <same>, "scores": [float] * N} or {"id": <same>, "error": str, "traceback": str}, the
   traceback being the last lines of the worker's own, so the client's error shows where the worker failed.
+  To a request with "details": true, a worker that has them adds "details": [object] * N (e.g. GenEval's
+  {"correct": bool, "reason": str} per image); one without them answers with scores alone.
 - The client closes stdin to stop the worker; the worker then exits 0.
 Nothing else may reach stdout, so `serve` points file descriptor 1 (and sys.stdout) at stderr before it calls
 `load`: prints and library logs of the worker go to stderr, which the client shows in its error messages.
@@ -31,15 +34,17 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, Callable, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO, Union
 
 from PIL import Image
 
 PROTOCOL_VERSION = 1
 TRACEBACK_LINES = 20  # the innermost frames and the exception: where the worker failed
 
-# score_fn(RGB images, prompts, metadata (one object per image) or None) -> one float per image
-ScoreFn = Callable[[List[Image.Image], List[str], Optional[list]], List[float]]
+# score_fn(RGB images, prompts, metadata (one object per image) or None) -> one float per image, or
+# {"scores": [float] * N, "details": [object] * N} for a worker with per-image details (sent only when asked for,
+# so that a training request, which wants scores only, carries nothing more)
+ScoreFn = Callable[[List[Image.Image], List[str], Optional[list]], Union[List[float], Dict[str, list]]]
 
 
 def _claim_stdout() -> TextIO:
@@ -63,8 +68,12 @@ def decode_image(data: str) -> Image.Image:
 
 def _answer(request: dict[str, Any], score_fn: ScoreFn) -> dict[str, Any]:
     images = [decode_image(data) for data in request["images"]]
-    scores = score_fn(images, list(request["prompts"]), request.get("metadata"))
-    return {"id": request["id"], "scores": [float(s) for s in scores]}
+    result = score_fn(images, list(request["prompts"]), request.get("metadata"))
+    scores, details = (result["scores"], result.get("details")) if isinstance(result, dict) else (result, None)
+    reply = {"id": request["id"], "scores": [float(s) for s in scores]}
+    if request.get("details") and details is not None:
+        reply["details"] = list(details)
+    return reply
 
 
 def _traceback_tail() -> str:

@@ -233,6 +233,9 @@ def test_the_geneval_preset_resolves_training_and_evaluating_on_genevals_prompts
     assert jobs["check_assets"] == 1 and jobs["train"] == 1 and jobs["report"] == 1
     assert jobs["evaluate"] == 11  # base + a checkpoint every 100 of 1000 updates
     assert not {"world_prompts", "miniature_reward", "miniature_heldout_reward"} & set(jobs)  # paper scale
+    # GenEval per task on its prompts (tables/geneval_test); sd-turbo.yaml's Pick-a-Pic and Parti sets are off.
+    assert jobs["breakdowns"] == 1 and "evaluate_prompt_set" not in jobs
+    assert "tables/geneval_test.html" in result.stdout and "tables/prompt_sets" not in result.stdout
 
 
 def test_the_geneval_preset_is_the_papers_recipe_and_its_asset_check_names_every_file(tmp_path, monkeypatch):

@@ -124,7 +124,8 @@ def required_assets(config: dict) -> list[Asset]:
     if not config.get("world", {}).get("enabled", True):
         assets += [Asset(config["prompts"][split], f"{split} prompts ({PROMPT_FORMS})") for split in ("train", "test")]
     for name, path in config.get("evaluate", {}).get("prompt_sets", {}).items():
-        assets.append(Asset(path, f"evaluation prompt set {name!r} ({PROMPT_FORMS})"))
+        if path is not None:
+            assets.append(Asset(path, f"evaluation prompt set {name!r} ({PROMPT_FORMS})"))
     assets += preference_assets(config)
     return list({asset.path: asset for asset in reversed(assets)}.values())[::-1]  # first mention wins
 

@@ -278,6 +278,8 @@ def _prompt_set_problems(config: dict[str, Any]) -> list[str]:
     problems = []
     world_sets = config["world"]["prompt_sets"] if config["world"]["enabled"] else []
     for name, path in config["evaluate"]["prompt_sets"].items():
+        if path is None:
+            continue
         if name == "test" or name in world_sets:
             problems.append(f"evaluate.prompt_sets.{name}: the name is taken by "
                             f"{'the test prompts' if name == 'test' else 'a stand-in of world.prompt_sets'}")

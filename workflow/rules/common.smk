@@ -67,7 +67,7 @@ def prompt_sets():
     if config["world"]["enabled"]:
         files = {"parti": "parti_prompts.tsv", "pickapic_v2": "pickapic_v2_test_unique"}
         sets = {name: f"{R}/world/prompt_sets/{files[name]}" for name in config["world"]["prompt_sets"]}
-    return sets | config["evaluate"]["prompt_sets"]
+    return sets | {name: path for name, path in config["evaluate"]["prompt_sets"].items() if path is not None}
 
 
 def geneval_judged():

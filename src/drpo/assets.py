@@ -101,6 +101,18 @@ def preference_assets(config: dict) -> list[Asset]:
                         "Pick-a-Pic v2 folder of Parquet shards with caption, jpg_0, jpg_1, label_0, label_1)")]
 
 
+def judge_assets(config: dict) -> list[Asset]:
+    """The pairwise judge's model folder (judge.model, e.g. Qwen3-VL-8B-Instruct), when the judge stage is on."""
+    path = config.get("judge", {}).get("model")
+    if not path:
+        return []
+    what = "judge (judge.model: a transformers image-text-to-text folder such as Qwen/Qwen3-VL-8B-Instruct)"
+    return [Asset(f"{path}/config.json", f"{what} config"),
+            Asset(f"{path}/model.safetensors", f"{what} weights", (f"{path}/model.safetensors.index.json",)),
+            Asset(f"{path}/tokenizer_config.json", f"{what} tokenizer", (f"{path}/tokenizer.json",)),
+            Asset(f"{path}/preprocessor_config.json", f"{what} image processor config")]
+
+
 def required_assets(config: dict) -> list[Asset]:
     models = config["models"]
     assets = generator_assets(models["generator"]["path"], models["generator"]["kind"])
@@ -113,6 +125,7 @@ def required_assets(config: dict) -> list[Asset]:
         assets += [Asset(config["prompts"][split], f"{split} prompts (.txt or GenEval .jsonl)")
                    for split in ("train", "test")]
     assets += preference_assets(config)
+    assets += judge_assets(config)
     return list({asset.path: asset for asset in reversed(assets)}.values())[::-1]  # first mention wins
 
 

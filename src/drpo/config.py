@@ -127,6 +127,8 @@ def _check_names(config: dict[str, Any]) -> None:
                for name in config["train"]["learning_rates"]]
     checks += [lambda label=label, spec=spec: reward_members({"name": label} | spec, f"evaluate.rewards.{label}")
                for label, spec in config["evaluate"]["rewards"].items() if spec is not None]
+    checks += [lambda name=name: lookup(METHODS, name, "method", 'judge.pairs (or "base")')
+               for name in dict.fromkeys(n for pair in config["judge"]["pairs"] for n in pair) if name != "base"]
     problems = []
     for check in checks:
         try:
@@ -138,12 +140,15 @@ def _check_names(config: dict[str, Any]) -> None:
 
 
 def _check_consistency(config: dict[str, Any]) -> None:
+    from drpo.judge import judged_methods
     from drpo.methods import METHODS
 
     train = config["train"]
     k = train["candidates"]
     problems = []
-    for method in train["methods"]:
+    # A method that only the judge compares is trained for it, so its settings are checked as train.methods' are.
+    trained = list(dict.fromkeys([*train["methods"], *judged_methods(config)]))
+    for method in trained:
         section = config.get(method, {})
         if "num_pos" in section and section["num_pos"] + section["num_neg"] > k:
             problems.append(
@@ -153,9 +158,9 @@ def _check_consistency(config: dict[str, Any]) -> None:
     if train["prompts_per_step"] % train["processes"]:
         problems.append(f"train.prompts_per_step ({train['prompts_per_step']}) must be a multiple of "
                         f"train.processes ({train['processes']})")
-    if "grpo" in train["methods"] and config["grpo"]["num_anchors"] > k:
+    if "grpo" in trained and config["grpo"]["num_anchors"] > k:
         problems.append(f"grpo.num_anchors ({config['grpo']['num_anchors']}) exceeds train.candidates (K = {k})")
-    if "pso" in train["methods"] and k % 2:
+    if "pso" in trained and k % 2:
         problems.append(f"pso pairs adjacent candidates, so train.candidates must be even (K = {k})")
     if train["checkpoint_every"] > train["steps"]:
         problems.append(
@@ -170,8 +175,9 @@ def _check_consistency(config: dict[str, Any]) -> None:
     if label is not None and config["evaluate"]["rewards"].get(label) is None:
         problems.append(f"evaluate.diversity_from ({label!r}) names no reward of evaluate.rewards "
                         f"({[name for name, spec in config['evaluate']['rewards'].items() if spec is not None]})")
+    problems += _judge_problems(config)
     # Methods that train from a preference dataset (unknown names are reported by _check_names).
-    for name in [m for m in train["methods"] if m in METHODS]:
+    for name in [m for m in trained if m in METHODS]:
         problems += METHODS[name].config_problems(config)
         if not METHODS[name].uses_preference_data:
             continue
@@ -184,6 +190,16 @@ def _check_consistency(config: dict[str, Any]) -> None:
                             "train.reference is bank (built for the training prompts): use train.reference: online")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _judge_problems(config: dict[str, Any]) -> list[str]:
+    judge, train = config["judge"], config["train"]
+    problems = [f"judge.pairs compares {a} with itself" for a, b in judge["pairs"] if a == b]
+    steps = checkpoint_steps(train["steps"], train["checkpoint_every"])
+    if judge["step"] is not None and judge["step"] not in steps:
+        problems.append(f"judge.step ({judge['step']}) is not a checkpoint of train.steps / train.checkpoint_every "
+                        f"({steps}); null judges the last one")
+    return problems
 
 
 def load_config(*paths: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

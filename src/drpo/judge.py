@@ -41,6 +41,26 @@ INVALID = "invalid"
 OUTCOMES = ("win", "loss", "tie", INVALID)
 
 
+# The untrained generator's name in judge.pairs.
+BASE = "base"
+
+
+# ----------------------------------------------------------------------------------- what is judged
+def judged_run(config: dict) -> tuple[int, int]:
+    """(training seed, checkpoint step) of the runs the judge compares: judge.train_seed and judge.step, or the
+    first of train.seeds and the last checkpoint (train.steps)."""
+    judge = config["judge"]
+    seed = config["train"]["seeds"][0] if judge["train_seed"] is None else judge["train_seed"]
+    return seed, config["train"]["steps"] if judge["step"] is None else judge["step"]
+
+
+def judged_methods(config: dict) -> list[str]:
+    """The trained methods of judge.pairs (not "base"), in first-seen order; none when the stage is off."""
+    if config["judge"]["model"] is None:
+        return []
+    return list(dict.fromkeys(name for pair in config["judge"]["pairs"] for name in pair if name != BASE))
+
+
 # ----------------------------------------------------------------------------------- what the judge is asked
 # The chat turn: TASK with the prompt, "Image A:" and the image shown first, "Image B:" and the image shown second,
 # then CRITERIA.

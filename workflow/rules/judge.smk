@@ -1,0 +1,90 @@
+# Pairwise preference by a vision-language judge (method spec 5.4, drpo.judge): for every pair of judge.pairs and
+# every prompt set, the two models' images for the same (prompt, seed) noises are shown to the judge, and
+# tables/judge.* count the first model's wins, losses, ties and invalid answers. Off when judge.model is null.
+from drpo.judge import BASE, judged_run
+from drpo.run_folder import CHECKPOINT_PREFIX
+
+JUDGE = R + "/judge/{prompt_set}/{a}_vs_{b}"
+JUDGE_SEED, JUDGE_STEP = judged_run(config)
+
+
+wildcard_constraints:
+    prompt_set="[A-Za-z0-9_-]+",
+    a="[a-z0-9_]+",
+    b="[a-z0-9_]+",
+
+
+def judge_prompt_sets():
+    """Prompt set name -> the prompt file (.txt or GenEval .jsonl) its pairs are judged on."""
+    return {"test": test_prompts()}
+
+
+def judge_summaries():
+    """Every pair's summary.json, for every prompt set (none when the stage is off)."""
+    if config["judge"]["model"] is None:
+        return []
+    return [JUDGE.format(prompt_set=name, a=a, b=b) + "/summary.json"
+            for name in judge_prompt_sets() for a, b in config["judge"]["pairs"]]
+
+
+def judge_run_dir(method):
+    """The run folder of a judged method (None for the base generator)."""
+    return None if method == BASE else RUN.format(method=method, seed=JUDGE_SEED)
+
+
+def judge_inputs(wildcards):
+    """The generator, the judge's model (the miniature's, built by rule miniature_judge, or the asset check at
+    paper scale), the prompt set, and the training runs of the two methods."""
+    inputs = dict(model_inputs(), prompts=judge_prompt_sets()[wildcards.prompt_set])
+    if config["world"]["enabled"]:
+        inputs["judge"] = config["judge"]["model"] + "/config.json"
+    for side in ("a", "b"):
+        if run_dir := judge_run_dir(wildcards[side]):
+            inputs[f"done_{side}"] = run_dir + "/train_done.json"
+    return inputs
+
+
+def judge_checkpoints(wildcards):
+    """The LoRA checkpoint folders of A and B (None: the base), the judge rule's params."""
+    return [None if (run_dir := judge_run_dir(wildcards[side])) is None else f"{run_dir}/checkpoints/{CHECKPOINT_PREFIX}{JUDGE_STEP}"
+            for side in ("a", "b")]
+
+
+rule judge:
+    input:
+        unpack(judge_inputs),
+    output:
+        verdicts=JUDGE + "/verdicts.parquet",
+        verdicts_csv=JUDGE + "/verdicts.csv",
+        summary=JUDGE + "/summary.json",
+    log:
+        JUDGE + "/judge.log",
+    params:
+        config={"device": config["device"], "models": {"generator": config["models"]["generator"]},
+                "evaluate": {"batch_size": config["evaluate"]["batch_size"]}, "judge": config["judge"]},
+        checkpoints=judge_checkpoints,
+        run={"train_seed": JUDGE_SEED, "step": JUDGE_STEP},
+    message:
+        "Judging {wildcards.a} vs {wildcards.b} on the {wildcards.prompt_set} prompts with a vision-language model"
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
+    script:
+        "../scripts/judge.py"
+
+
+rule judge_table:
+    input:
+        summaries=judge_summaries(),
+    output:
+        table=f"{R}/tables/judge.csv",
+        markdown=f"{R}/tables/judge.md",
+        html=report(f"{R}/tables/judge.html", category="Pairwise judge", caption="../report/judge.rst"),
+    log:
+        f"{R}/logs/judge_table.log",
+    params:
+        caption=caption_facts([JUDGE_SEED]) | {"judge": str(config["judge"]["model"]), "step": JUDGE_STEP,
+                                                "eval_seeds": ", ".join(map(str, config["judge"]["seeds"]))},
+    message:
+        "Writing the pairwise judge's table"
+    script:
+        "../scripts/judge_table.py"

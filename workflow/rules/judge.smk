@@ -35,9 +35,12 @@ def judge_run_dir(method):
 def judge_inputs(wildcards):
     """The generator, the judge's model (the miniature's, built by rule miniature_judge, or the asset check at
     paper scale), the prompt set, and the training runs of the two methods."""
-    inputs = dict(model_inputs(), prompts=judge_prompt_sets()[wildcards.prompt_set])
     if config["world"]["enabled"]:
-        inputs["judge"] = config["judge"]["model"] + "/config.json"
+        inputs = {"generator": config["models"]["generator"]["path"] + "/model_index.json",
+                  "judge": config["judge"]["model"] + "/config.json"}
+    else:
+        inputs = model_inputs()  # the asset check, which lists the judge's files too
+    inputs["prompts"] = judge_prompt_sets()[wildcards.prompt_set]
     for side in ("a", "b"):
         if run_dir := judge_run_dir(wildcards[side]):
             inputs[f"done_{side}"] = run_dir + "/train_done.json"

@@ -36,6 +36,7 @@ rule tables:
               "table": f"{R}/cost/cost_table.csv", "figure": f"{R}/cost/cost_components.png"},
         paper_vs_ours=f"{R}/tables/paper_vs_ours.md",
         setting=SETTING,
+        judge={"summaries": judge_summaries(), **{name: str(path) for name, path in rules.judge_table.output.items()}},
     localrule: True
     log:
         f"{R}/logs/tables.log",

@@ -63,8 +63,10 @@ rule judge:
     log:
         JUDGE + "/judge.log",
     params:
+        # What a pair's verdicts depend on: the list of pairs is left out, so that adding a pair reruns no other.
         config={"device": config["device"], "models": {"generator": config["models"]["generator"]},
-                "evaluate": {"batch_size": config["evaluate"]["batch_size"]}, "judge": config["judge"]},
+                "evaluate": {"batch_size": config["evaluate"]["batch_size"]},
+                "judge": {key: value for key, value in config["judge"].items() if key != "pairs"}},
         checkpoints=judge_checkpoints,
         run={"train_seed": JUDGE_SEED, "step": JUDGE_STEP},
     message:

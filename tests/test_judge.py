@@ -44,6 +44,7 @@ def test_parse_reads_json_fenced_json_and_prose(answer, label):
     "Either A or B, or a tie.",
     '{"winner": "C", "confidence": 0.4}',  # neither label, nothing else to read
     "a cat on a mat",  # a lower-case "a" is an article, not a vote
+    '{"winner": "A" or "B" or "tie", "confidence": a number from 0 to 1}',  # the answer format repeated
 ])
 def test_parse_calls_answers_without_a_single_label_invalid(answer):
     assert parse_answer(answer).label == INVALID

@@ -124,8 +124,9 @@ class Parsed:
 
 
 _FENCE = re.compile(r"```[a-zA-Z]*")
-# A winner named in broken JSON or prose: 'winner: A', '"winner" = "tie"', 'Winner - image B'.
-_NAMED_WINNER = re.compile(r"winner\W{0,6}(?:is\s+)?(?:image\s+)?(A|B|tie)\b", re.IGNORECASE)
+# A winner named in broken JSON or prose: 'winner: A', '"winner" = "tie"', 'Winner - image B'; not the answer
+# format repeated ('"winner": "A" or "B" or "tie"').
+_NAMED_WINNER = re.compile(r"winner\W{0,6}(?:is\s+)?(?:image\s+)?(A|B|tie)\b(?!\"?\s+or\b)", re.IGNORECASE)
 # Standalone labels in prose: the capital letters (a lower-case "a" is an article) and "tie" in any case.
 _LETTER = re.compile(r"(?<![\w'])([AB])(?![\w'])")
 _TIE = re.compile(r"\btie\b", re.IGNORECASE)

@@ -271,3 +271,40 @@ def test_the_asset_check_lists_a_missing_judge_folder(tmp_path):
     assert {f"{folder}/config.json", f"{folder}/model.safetensors", f"{folder}/preprocessor_config.json"} <= missing
     config["judge"]["model"] = None
     assert not any(path.startswith(folder) for path in {asset.path for asset in missing_assets(config)})
+
+
+def test_a_qwen3_vl_folder_loads_and_answers_through_the_same_code(tmp_path):
+    """The paper's judge is a Qwen3-VL: a random tiny one of that class (here, in the test) goes through the same
+    loader (AutoModelForImageTextToText, the Qwen3-VL processor) and generation."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from drpo.miniature.judge import CHAT_TEMPLATE, build_judge_tokenizer, judge_words
+
+    tokenizer = build_judge_tokenizer(judge_words(["a red circle"]))
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in
+           ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                "mrope_interleaved": True},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+              "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+              "num_position_embeddings": 64, "deepstack_visual_indexes": [1]}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+    judge = Judge.load(tmp_path, device="cpu", dtype="float32", max_new_tokens=5)
+    assert isinstance(judge.model, Qwen3VLForConditionalGeneration) and isinstance(judge.processor, Qwen3VLProcessor)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    answers = judge.answer(["a red circle", "a blue square"], images[:2], images[2:])
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)

@@ -152,7 +152,8 @@ def test_the_table_has_one_row_per_pair_and_percent_cells(tmp_path):
     table = write_judge_table(files, tmp_path / "judge.csv", tmp_path / "judge.md", tmp_path / "judge.html")
     assert list(table["method_b"]) == ["base", "dpo"] and list(table["invalid"]) == [0, 2]
     csv = pd.read_csv(tmp_path / "judge.csv")
-    assert csv.loc[0, "win_rate_excluding_ties"] == pytest.approx(2 / 3, abs=1e-4) and math.isnan(csv.loc[1, "preference_share"])
+    assert csv.loc[0, "win_rate_excluding_ties"] == pytest.approx(2 / 3, abs=1e-4)
+    assert math.isnan(csv.loc[1, "preference_share"])
     markdown = (tmp_path / "judge.md").read_text()
     assert "| test | drpo | base | 4 | 2 | 1 | 1 | 0 | 66.7 | 62.5 |" in markdown and "| – | – |" in markdown
     assert "Pairwise preference" in (tmp_path / "judge.html").read_text()
@@ -288,7 +289,8 @@ def test_a_qwen3_vl_folder_loads_and_answers_through_the_same_code(tmp_path):
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
                                 "mrope_interleaved": True},
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"]}
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
               "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
               "num_position_embeddings": 64, "deepstack_visual_indexes": [1]}

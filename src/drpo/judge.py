@@ -261,8 +261,9 @@ def _processor_without_video(path: str | Path):
     # ProcessorMixin checks each part's class by name, and the video part's base class is not importable without
     # torchvision (transformers replaces it by a placeholder); only that check is skipped, for this constructor.
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, argument: None):
-        return getattr(transformers, name)(image_processor=AutoImageProcessor.from_pretrained(path, local_files_only=True),
-                                           tokenizer=tokenizer, video_processor=None, chat_template=template)
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return getattr(transformers, name)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                           chat_template=template)
 
 
 def _chat_template(path: str | Path) -> str | None:

@@ -49,8 +49,9 @@ def judge_inputs(wildcards):
 
 def judge_checkpoints(wildcards):
     """The LoRA checkpoint folders of A and B (None: the base), the judge rule's params."""
-    return [None if (run_dir := judge_run_dir(wildcards[side])) is None else f"{run_dir}/checkpoints/{CHECKPOINT_PREFIX}{JUDGE_STEP}"
-            for side in ("a", "b")]
+    run_dirs = [judge_run_dir(wildcards[side]) for side in ("a", "b")]
+    return [None if run_dir is None else f"{run_dir}/checkpoints/{CHECKPOINT_PREFIX}{JUDGE_STEP}"
+            for run_dir in run_dirs]
 
 
 rule judge:

@@ -50,7 +50,7 @@ def build_judge_tokenizer(words: Iterable[str]):
     from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
 
-    from drpo.tiny import _bpe_merge
+    from drpo.tiny import bpe_merge
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: index for index, symbol in enumerate(alphabet)}
@@ -60,7 +60,7 @@ def build_judge_tokenizer(words: Iterable[str]):
     for word in dict.fromkeys(words):
         for text in (word, " " + word):
             for piece, _ in splitter.pre_tokenize_str(text):
-                symbols = _bpe_merge(list(piece), ranks)
+                symbols = bpe_merge(list(piece), ranks)
                 # New merges rank after the existing ones, so earlier words keep their single-token path.
                 while len(symbols) > 1:
                     pair = (symbols[0], symbols[1])

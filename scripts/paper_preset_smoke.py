@@ -31,6 +31,7 @@ PROMPTS = ["a photo of a cat", "a red car on the street", "a blue dog", "a photo
 
 def write_stand_ins(root: Path, preset: str) -> dict:
     from drpo.features.latent_mae import LatentMAEEncoder, save_checkpoint
+    from drpo.miniature.judge import build_tiny_judge
     from drpo.rewards.clip import aesthetic_mlp
     from drpo.tiny import write_tiny_clip, write_tiny_sd_turbo, write_tiny_sdxl_turbo
 
@@ -56,8 +57,10 @@ def write_stand_ins(root: Path, preset: str) -> dict:
     head = root / "aesthetic_head.pth"
     state = aesthetic_mlp(16).state_dict()
     torch.save({f"layers.{k}": v for k, v in state.items()}, head)
+    # The pairwise judge (Qwen3-VL-8B-Instruct in the SDXL-Turbo preset): a random tiny Qwen2-VL folder.
+    build_tiny_judge(root / "judge", words=WORDS)
     return {"generator": str(generator), "mae": str(mae), "pickscore": str(pickscore), "clip": str(clip),
-            "head": str(head)}
+            "head": str(head), "judge": str(root / "judge")}
 
 
 def write_captions(folder: Path, captions: list[str]) -> None:
@@ -123,6 +126,8 @@ def override(root: Path, files: dict, preset: str) -> dict:
             "imagereward": None,
         }},
         "report": {"grid_prompts": [0, 1], "grid_seeds": [42]},
+        **({"judge": {"model": files["judge"], "max_pairs": 2, "max_new_tokens": 8, "dtype": "float32"}}
+           if preset == "sdxl-turbo" else {}),
         "cost": {"analytic": {"generators": [preset], "rewards": ["pickscore"]},
                  "measured": {"updates": 1, "warmup": 0, "candidates": 4, "num_pos": 1, "num_neg": 1,
                               "accumulation": 1, "draft_chunks": [4], "reward_hidden": 32, "reward_layers": 1}},

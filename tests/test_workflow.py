@@ -18,8 +18,9 @@ def _dry_run(tmp_path, *configfiles, extra=()):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("preset,evaluations", [("sd-turbo", 11), ("sdxl-turbo", 51)])
-def test_paper_presets_resolve_the_full_dag(tmp_path, preset, evaluations):
+# The SDXL-Turbo preset's judge compares DrPO with the base on Pick-a-Pic v2 and Parti-Prompts.
+@pytest.mark.parametrize("preset,evaluations,trains,judged", [("sd-turbo", 11, 1, 0), ("sdxl-turbo", 51, 1, 2)])
+def test_paper_presets_resolve_the_full_dag(tmp_path, preset, evaluations, trains, judged):
     for split in ("train", "test"):
         (tmp_path / f"{split}.txt").write_text("a photo of a cat\n")
     override = tmp_path / "override.yaml"
@@ -31,11 +32,12 @@ def test_paper_presets_resolve_the_full_dag(tmp_path, preset, evaluations):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = dict(line.split() for line in result.stdout.splitlines()
                 if len(line.split()) == 2 and line.split()[1].isdigit())
-    assert jobs["check_assets"] == "1" and jobs["train"] == "1" and jobs["report"] == "1"
+    assert jobs["check_assets"] == "1" and jobs["train"] == str(trains) and jobs["report"] == "1"
     assert jobs["evaluate"] == str(evaluations)  # base + every checkpoint
     # Pick-a-Pic v2 and Parti-Prompts, the base and the run's last checkpoint on each; their files are missing
     # here, so check_assets (which every model-using job waits for) names them instead of the DAG failing.
     assert jobs["evaluate_prompt_set"] == "4" and jobs["breakdowns"] == "1"
+    assert jobs.get("judge", "0") == str(judged) and jobs.get("judge_table", "0") == str(min(judged, 1))
 
 
 def test_default_config_resolves(tmp_path):
@@ -272,3 +274,21 @@ def test_the_geneval_preset_is_the_papers_recipe_and_its_asset_check_names_every
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).touch()
     assert missing_assets(config) == []
+
+
+def test_the_ci_config_judges_with_the_tiny_judge_and_the_default_has_no_judge(tmp_path):
+    root = tmp_path / "results"
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(root), "judge": {"model": str(root / "miniature/judge")}}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", REPO / "configs" / "ci.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _job_counts(result.stdout)
+    # On the world's stand-ins of Pick-a-Pic v2 and Parti-Prompts, as the paper's figures are.
+    assert jobs["miniature_judge"] == jobs["judge_table"] == 1 and jobs["judge"] == 2
+    assert all(f"{root}/judge/{s}/drpo_vs_base/summary.json" in result.stdout for s in ("parti", "pickapic_v2"))
+    assert f"{root}/tables/judge.html" in result.stdout
+
+    override.write_text(yaml.safe_dump({"results_dir": str(root)}))
+    result = _dry_run(tmp_path, REPO / "config.yaml", override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not {"judge", "judge_table", "miniature_judge"} & set(_job_counts(result.stdout))

@@ -113,6 +113,18 @@ PROMPT_FORMS = ("a .txt of prompts, GenEval .jsonl, Parti-Prompts .tsv, or Pick-
                 "a folder: its test_unique split's)")
 
 
+def judge_assets(config: dict) -> list[Asset]:
+    """The pairwise judge's model folder (judge.model, e.g. Qwen3-VL-8B-Instruct), when the judge stage is on."""
+    path = config.get("judge", {}).get("model")
+    if not path:
+        return []
+    what = "judge (judge.model: a transformers image-text-to-text folder such as Qwen/Qwen3-VL-8B-Instruct)"
+    return [Asset(f"{path}/config.json", f"{what} config"),
+            Asset(f"{path}/model.safetensors", f"{what} weights", (f"{path}/model.safetensors.index.json",)),
+            Asset(f"{path}/tokenizer_config.json", f"{what} tokenizer", (f"{path}/tokenizer.json",)),
+            Asset(f"{path}/preprocessor_config.json", f"{what} image processor config")]
+
+
 def required_assets(config: dict) -> list[Asset]:
     models = config["models"]
     assets = generator_assets(models["generator"]["path"], models["generator"]["kind"])
@@ -127,6 +139,7 @@ def required_assets(config: dict) -> list[Asset]:
         if path is not None:
             assets.append(Asset(path, f"evaluation prompt set {name!r} ({PROMPT_FORMS})"))
     assets += preference_assets(config)
+    assets += judge_assets(config)
     return list({asset.path: asset for asset in reversed(assets)}.values())[::-1]  # first mention wins
 
 

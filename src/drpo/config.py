@@ -199,6 +199,8 @@ def _check_names(config: dict[str, Any]) -> None:
                for name in config["train"]["per_method"]]
     checks += [lambda label=label, spec=spec: reward_members({"name": label} | spec, f"evaluate.rewards.{label}")
                for label, spec in config["evaluate"]["rewards"].items() if spec is not None]
+    checks += [lambda name=name: lookup(METHODS, name, "method", 'judge.pairs (or "base")')
+               for name in dict.fromkeys(n for pair in config["judge"]["pairs"] for n in pair) if name != "base"]
     problems = []
     for check in checks:
         try:
@@ -255,6 +257,7 @@ def _check_consistency(config: dict[str, Any]) -> None:
         problems.append(f"evaluate.diversity_from ({label!r}) names no reward of evaluate.rewards "
                         f"({[name for name, spec in config['evaluate']['rewards'].items() if spec is not None]})")
     problems += _prompt_set_problems(config)
+    problems += _judge_problems(config)
     # Methods that train from a preference dataset (unknown names are reported by _check_names).
     for name in [m for m in train["methods"] if m in METHODS]:
         problems += METHODS[name].config_problems(config)
@@ -287,6 +290,30 @@ def _prompt_set_problems(config: dict[str, Any]) -> list[str]:
             prompt_file_kind(path)
         except ValueError as error:
             problems.append(f"evaluate.prompt_sets.{name}: {error}")
+    return problems
+
+
+def _judge_problems(config: dict[str, Any]) -> list[str]:
+    """The judge compares runs the workflow trains anyway (train.methods), at a checkpoint each of them has."""
+    judge = config["judge"]
+    problems = [f"judge.pairs compares {a} with itself" for a, b in judge["pairs"] if a == b]
+    sets = ["test", *(config["world"]["prompt_sets"] if config["world"]["enabled"] else []),
+            *[name for name, path in config["evaluate"]["prompt_sets"].items() if path is not None]]
+    problems += [f"judge.prompt_sets names {name!r}, which is no evaluation prompt set ({sets})"
+                 for name in judge["prompt_sets"] or [] if name not in sets]
+    from drpo.methods import METHODS
+
+    judged = dict.fromkeys(name for pair in judge["pairs"] for name in pair if name != "base")
+    for method in [m for m in judged if m in METHODS and judge["model"]]:  # unknown names: _check_names
+        if method not in config["train"]["methods"]:
+            problems.append(f"judge.pairs names {method}, which train.methods does not train "
+                            f"({config['train']['methods']}): add it there or drop the pair")
+            continue
+        train = method_train(config["train"], method)
+        steps = checkpoint_steps(train["steps"], train["checkpoint_every"])
+        if judge["step"] is not None and judge["step"] not in steps:
+            problems.append(f"judge.step ({judge['step']}) is not a checkpoint of {method} ({steps}); null judges "
+                            "each run's last one")
     return problems
 
 

@@ -277,3 +277,60 @@ def make_grid(config: dict, prompts_path: str | Path, run_dir: str | Path, metho
         return pixels.reshape(len(prompts), len(seeds), *pixels.shape[1:])
 
     plot_grid(images(False), images(True), prompts, out_png, tuned_label=method)
+
+
+def judge_images(config: dict, checkpoint: str | Path | None, rows: list[dict],
+                 keys: list[tuple[int, int]]) -> dict:
+    """uint8 images of the generator (with the LoRA ``checkpoint``, or the base for None) for every (prompt index,
+    seed) key, with the evaluation's noise for the key (drpo.evaluate.sample_images); the generator is freed after."""
+    import gc
+
+    from drpo.evaluate import sample_images
+
+    generator = load_generator_at(config, checkpoint)
+    by_seed: dict[int, list[int]] = {}
+    for index, seed in keys:
+        by_seed.setdefault(seed, []).append(index)
+    images = {}
+    for seed, indices in by_seed.items():
+        pixels = sample_images(generator, [rows[i]["prompt"] for i in indices], [seed],
+                               batch_size=config["evaluate"]["batch_size"], adapters=checkpoint is not None,
+                               prompt_indices=indices)
+        images.update({(index, seed): image for index, image in zip(indices, pixels)})
+    del generator
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return images
+
+
+def run_judge(config: dict, prompts_path: str | Path, prompt_set: str, methods: tuple[str, str],
+              checkpoints: tuple[str | Path | None, str | Path | None], verdicts_out: str | Path,
+              summary_out: str | Path, *, run: dict | None = None, log=print) -> dict:
+    """The judge's verdicts on one pair of models over one prompt set (method spec 5.4): ``methods`` (A, B) with
+    their LoRA checkpoint folders (None for the base), on the keys of drpo.judge.pair_keys for judge.seeds. Writes
+    the verdicts (parquet, and the same as CSV beside it) and summary.json (with ``run``: the training seed and step
+    judged)."""
+    import time
+
+    from drpo.judge import Judge, judge_pairs, pair_keys, summarize
+
+    settings = config["judge"]
+    rows = read_rows(prompts_path)
+    keys = pair_keys(len(rows), settings["seeds"], settings["max_pairs"], settings["subset_seed"])
+    started = time.time()
+    images = [judge_images(config, checkpoint, rows, keys) for checkpoint in checkpoints]
+    log(f"sampled {len(keys)} images of each of {methods[0]} and {methods[1]} in {time.time() - started:.1f} s")
+    judge = Judge.load(settings["model"], device=resolve_device(config["device"]), dtype=settings["dtype"],
+                       max_new_tokens=settings["max_new_tokens"])
+    started = time.time()
+    verdicts = judge_pairs(judge, keys, [row["prompt"] for row in rows], *images, names=methods,
+                           batch_size=settings["batch_size"], log=log)
+    seconds = time.time() - started
+    verdicts.to_parquet(verdicts_out, index=False)
+    verdicts.to_csv(Path(verdicts_out).with_suffix(".csv"), index=False)
+    summary = {"prompt_set": prompt_set, "method_a": methods[0], "method_b": methods[1], **summarize(verdicts),
+               "judge": str(settings["model"]), **(run or {}), "seeds": settings["seeds"],
+               "seconds_per_pair": round(seconds / max(len(keys), 1), 4)}
+    Path(summary_out).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -8,16 +8,19 @@ from pathlib import Path
 from drpo.ablations import write_study
 from drpo.breakdowns import write_breakdowns
 from drpo.cost.report import write_report
+from drpo.judge import write_judge_table
 from drpo.paper import write_comparison
 from drpo.pipeline import make_report
 
 
 def rebuild_tables(main: dict, studies: dict, cost: dict, breakdowns: dict, paper_vs_ours: str, setting: str,
-                   log=print) -> None:
+                   judge: dict | None = None, log=print) -> None:
     """Every table and figure again from the results on disk (the ``tables`` rule): the main table and curves from
     the evaluation summaries that exist (``main``: their paths and make_report's outputs), each ablation study's
     from its summaries (``studies``: spec, (label, path) pairs and outputs), the breakdown tables (``breakdowns``:
-    rule breakdowns' parts and outputs), the cost report from its measurements, and the paper-vs-ours table. A part with none of its inputs on disk is skipped and said so."""
+    rule breakdowns' parts and outputs), the cost report from its measurements, the paper-vs-ours table, and the
+    pairwise judge's table (``judge``: its pairs' summaries and outputs; none without a judge). A part with none of
+    its inputs on disk is skipped and said so."""
 
     def existing(paths):
         found = [path for path in paths if Path(path).exists()]
@@ -48,3 +51,7 @@ def rebuild_tables(main: dict, studies: dict, cost: dict, breakdowns: dict, pape
         write_report(cost["analytic"], measured, cost["table"], cost["figure"])
     log("paper vs ours:")
     write_comparison(Path(paper_vs_ours).parent, setting, paper_vs_ours)
+    if judge and judge["summaries"]:
+        log("pairwise judge:")
+        if summaries := existing(judge["summaries"]):
+            write_judge_table(summaries, judge["table"], judge["markdown"], judge["html"])

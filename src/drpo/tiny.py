@@ -34,7 +34,7 @@ SDXL_VAE_SCALING = 0.13025
 SDXL_TIME_EMBED_DIM = 8
 
 
-def _bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges the way `tokenizers` does: repeatedly the lowest-rank adjacent pair, leftmost first."""
     symbols = list(symbols)
     while len(symbols) > 1:
@@ -69,7 +69,7 @@ def build_clip_tokenizer(
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
         for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(word)):
-            symbols = _bpe_merge([*piece[:-1], piece[-1] + END_OF_WORD], ranks)
+            symbols = bpe_merge([*piece[:-1], piece[-1] + END_OF_WORD], ranks)
             # New merges rank after all existing ones, so earlier words keep their single-token path.
             while len(symbols) > 1:
                 pair = (symbols[0], symbols[1])

@@ -164,6 +164,13 @@ def ablation_outputs():
             for kind, ext in (("tables", "csv"), ("tables", "html"), ("figures", "png"))]
 
 
+def judge_outputs():
+    """The pairwise judge's table (rule judge_table), when judge.model names a judge."""
+    if config["judge"]["model"] is None:
+        return []
+    return [f"{R}/tables/judge.{ext}" for ext in ("csv", "md", "html")]
+
+
 def final_outputs():
     world = [f"{R}/figures/geneval_vs_step.png"] if config["world"]["enabled"] else []
     return world + [
@@ -176,6 +183,7 @@ def final_outputs():
         *ablation_outputs(),
         *[files["html"] for files in breakdown_outputs().values()],
         f"{R}/tables/paper_vs_ours.html",
+        *judge_outputs(),
     ] + ([f"{R}/cost/cost_table.html", f"{R}/cost/cost_components.png"] if config["cost"]["enabled"] else [])
 
 
@@ -226,3 +234,9 @@ def offline_asset_settings():
     if not offline:
         return {}
     return {"train": {"methods": offline}, "preferences": {"path": config["preferences"]["path"]}}
+
+
+def judge_asset_settings():
+    """What check_assets reads of the judge: its model folder ({} when the stage is off, so that the check's params
+    do not change for a config without a judge)."""
+    return {"judge": {"model": config["judge"]["model"]}} if config["judge"]["model"] else {}

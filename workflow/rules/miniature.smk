@@ -107,3 +107,22 @@ if config["world"]["enabled"] and build_rule_wanted(MODELS["generator"]["path"] 
             f"Training the miniature's base one-step generator ({config['miniature']['generator'].get('recipe', 'distillation')})"
         script:
             "../scripts/miniature.py"
+
+
+# The miniature's judge (rule judge, judge.smk): a random tiny Qwen2-VL, built where judge.model names it. It is not
+# shipped under resources/miniature/: it takes seconds to build, and the default run has no judge stage.
+JUDGE_MODEL = config["judge"]["model"] if config["world"]["enabled"] else None
+
+if JUDGE_MODEL and build_rule_wanted(JUDGE_MODEL + "/config.json"):
+
+    rule miniature_judge:
+        output:
+            JUDGE_MODEL + "/config.json",
+        log:
+            f"{R}/logs/miniature_judge.log",
+        params:
+            config=sections("device", "world", "miniature"),
+        message:
+            "Building the miniature's judge (a random tiny Qwen2-VL: it runs the judge stage, it judges nothing)"
+        script:
+            "../scripts/miniature.py"

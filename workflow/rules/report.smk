@@ -79,7 +79,7 @@ rule check_assets:
     log:
         f"{R}/logs/check_assets.log",
     params:
-        config=sections("models", "evaluate", "world", "prompts") | offline_asset_settings(),
+        config=sections("models", "evaluate", "world", "prompts") | offline_asset_settings() | judge_asset_settings(),
     message:
         "Checking that every model file of this config is on disk"
     script:

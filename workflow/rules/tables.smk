@@ -37,6 +37,7 @@ rule tables:
         breakdowns={"parts": breakdown_parts(), "outputs": breakdown_outputs()},
         paper_vs_ours=f"{R}/tables/paper_vs_ours.md",
         setting=SETTING,
+        judge={"summaries": judge_summaries(), **{name: str(path) for name, path in rules.judge_table.output.items()}},
     localrule: True
     log:
         f"{R}/logs/tables.log",

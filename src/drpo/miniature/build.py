@@ -11,7 +11,7 @@ from drpo.world.spec import WorldSpec
 
 # "heldout_reward" is a second CLIP scorer trained like "reward" but with its own seed and architecture: the
 # evaluation's held-out reward (evaluate.rewards.heldout), against which hacking of the target reward shows.
-PARTS = ("autoencoder", "mae", "reward", "heldout_reward", "generator")
+PARTS = ("autoencoder", "mae", "reward", "heldout_reward", "generator", "judge")
 # The base generator's recipes: "distillation" (a flow-matching teacher, then a one-step student; drpo.miniature.distill)
 # or "drifting" (one-step Drifting from scratch; drpo.miniature.generator), chosen by miniature.generator.recipe.
 GENERATOR_RECIPES = ("distillation", "drifting")
@@ -26,6 +26,7 @@ def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[st
     from drpo.miniature.autoencoder import train_autoencoder
     from drpo.miniature.distill import distill_generator
     from drpo.miniature.generator import train_generator
+    from drpo.miniature.judge import build_miniature_judge
     from drpo.miniature.mae import train_mae
     from drpo.miniature.reward_model import train_reward_model
 
@@ -44,6 +45,8 @@ def build_model(part: str, config: dict, *, out_dir: str | Path, inputs: dict[st
         return train_mae(spec, rows, autoencoder=inputs["autoencoder"], **common, **kwargs)
     if part == "reward":
         return train_reward_model(spec, rows, eval_rows=test_rows, **common, **kwargs)
+    if part == "judge":  # random weights, the world's prompt words in its vocabulary
+        return build_miniature_judge(spec, rows, **common, **kwargs)
     if part == "heldout_reward":  # its settings may override the common ones (its own seed, above all)
         return train_reward_model(spec, rows, eval_rows=test_rows, **(common | kwargs))
     recipe = kwargs.pop("recipe", GENERATOR_RECIPES[0])

@@ -52,3 +52,18 @@ def tiny_config(tiny_models, tmp_path) -> dict:
         "evaluate": {"seeds": [1, 2], "batch_size": 8, "rewards": {"pickscore": None}},
     }
     return load_config(repo / "config.yaml", overrides=overrides)
+
+
+def paper_prompts_override(tmp_path: Path) -> Path:
+    """An override config for a paper preset's dry run: results under ``tmp_path`` and one-prompt train and test
+    files there (the presets name prompt files that are not in the repository)."""
+    import yaml
+
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.txt").write_text("a photo of a cat\n")
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({
+        "results_dir": str(tmp_path / "results"),
+        "prompts": {"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")},
+    }))
+    return override

@@ -14,6 +14,8 @@ from drpo.config import ConfigError, load_config, merge, method_train, validate_
 from drpo.pipeline import run_identity, run_settings
 from drpo.train import TrainSettings
 
+from conftest import paper_prompts_override
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--directory", str(REPO), "--snakefile", str(REPO / "Snakefile")]
@@ -155,14 +157,7 @@ def test_an_ablation_variants_train_keys_win_over_drpos_entry():
 
 # ----------------------------------------------------------------------------------- the workflow
 def _dry_run(tmp_path, base):
-    for split in ("train", "test"):
-        (tmp_path / f"{split}.txt").write_text("a photo of a cat\n")
-    override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump({
-        "results_dir": str(tmp_path / "results"),
-        "prompts": {"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")},
-    }))
-    configfiles = [CONFIGS / f"{base}.yaml", CONFIGS / f"{base}-recipes.yaml", override]
+    configfiles = [CONFIGS / f"{base}.yaml", CONFIGS / f"{base}-recipes.yaml", paper_prompts_override(tmp_path)]
     return subprocess.run([*SNAKEMAKE, "-n", "--cores", "1", "--configfile", *map(str, configfiles)],
                           capture_output=True, text=True, timeout=300)
 

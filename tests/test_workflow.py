@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import paper_prompts_override
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--directory", str(REPO), "--snakefile", str(REPO / "Snakefile")]
 
@@ -21,14 +23,7 @@ def _dry_run(tmp_path, *configfiles, extra=()):
 # The SDXL-Turbo preset's judge compares DrPO with the base on Pick-a-Pic v2 and Parti-Prompts.
 @pytest.mark.parametrize("preset,evaluations,trains,judged", [("sd-turbo", 11, 1, 0), ("sdxl-turbo", 51, 1, 2)])
 def test_paper_presets_resolve_the_full_dag(tmp_path, preset, evaluations, trains, judged):
-    for split in ("train", "test"):
-        (tmp_path / f"{split}.txt").write_text("a photo of a cat\n")
-    override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump({
-        "results_dir": str(tmp_path / "results"),
-        "prompts": {"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")},
-    }))
-    result = _dry_run(tmp_path, REPO / "configs" / f"{preset}.yaml", override)
+    result = _dry_run(tmp_path, REPO / "configs" / f"{preset}.yaml", paper_prompts_override(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = dict(line.split() for line in result.stdout.splitlines()
                 if len(line.split()) == 2 and line.split()[1].isdigit())

@@ -34,6 +34,19 @@ SDXL_VAE_SCALING = 0.13025
 SDXL_TIME_EMBED_DIM = 8
 
 
+def add_merges_for_word(symbols: list[str], ranks: dict[tuple[str, str], int], merges: list[tuple[str, str]],
+                        vocab: dict[str, int]) -> None:
+    """Extend ``merges`` (and ``ranks``, ``vocab``) so that the word ``symbols`` becomes one token. New merges rank
+    after all existing ones, so earlier words keep their single-token path."""
+    symbols = bpe_merge(symbols, ranks)
+    while len(symbols) > 1:
+        pair = (symbols[0], symbols[1])
+        ranks[pair] = len(merges)
+        merges.append(pair)
+        vocab.setdefault(pair[0] + pair[1], len(vocab))
+        symbols[:2] = [pair[0] + pair[1]]
+
+
 def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges the way `tokenizers` does: repeatedly the lowest-rank adjacent pair, leftmost first."""
     symbols = list(symbols)
@@ -69,14 +82,7 @@ def build_clip_tokenizer(
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
         for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(word)):
-            symbols = bpe_merge([*piece[:-1], piece[-1] + END_OF_WORD], ranks)
-            # New merges rank after all existing ones, so earlier words keep their single-token path.
-            while len(symbols) > 1:
-                pair = (symbols[0], symbols[1])
-                ranks[pair] = len(merges)
-                merges.append(pair)
-                vocab.setdefault(pair[0] + pair[1], len(vocab))
-                symbols[:2] = [pair[0] + pair[1]]
+            add_merges_for_word([*piece[:-1], piece[-1] + END_OF_WORD], ranks, merges, vocab)
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
 

@@ -50,7 +50,7 @@ def build_judge_tokenizer(words: Iterable[str]):
     from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
 
-    from drpo.tiny import bpe_merge
+    from drpo.tiny import add_merges_for_word
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: index for index, symbol in enumerate(alphabet)}
@@ -60,14 +60,7 @@ def build_judge_tokenizer(words: Iterable[str]):
     for word in dict.fromkeys(words):
         for text in (word, " " + word):
             for piece, _ in splitter.pre_tokenize_str(text):
-                symbols = bpe_merge(list(piece), ranks)
-                # New merges rank after the existing ones, so earlier words keep their single-token path.
-                while len(symbols) > 1:
-                    pair = (symbols[0], symbols[1])
-                    ranks[pair] = len(merges)
-                    merges.append(pair)
-                    vocab.setdefault(pair[0] + pair[1], len(vocab))
-                    symbols[:2] = [pair[0] + pair[1]]
+                add_merges_for_word(list(piece), ranks, merges, vocab)
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",

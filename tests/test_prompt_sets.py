@@ -135,12 +135,22 @@ def test_the_prompt_set_table_has_a_row_per_set_and_model(tmp_path):
 
 def test_prompt_set_names_and_forms_are_checked_when_the_config_is_read(tmp_path):
     with pytest.raises(ConfigError) as error:
-        load_config(REPO_CONFIG, overrides={"evaluate": {"prompt_sets": {
+        load_config(REPO_CONFIG, "configs/ci.yaml", overrides={"evaluate": {"prompt_sets": {
             "test": "a.txt", "parti": "b.tsv", "mine": "prompts.csv"}}})
     message = str(error.value)
     assert "evaluate.prompt_sets.test: the name is taken by the test prompts" in message
     assert "evaluate.prompt_sets.parti: the name is taken by a stand-in of world.prompt_sets" in message
     assert "evaluate.prompt_sets.mine: prompts.csv: unsupported prompt file type '.csv'" in message
+
+
+def test_sets_of_plain_prompts_are_refused_with_a_reward_that_needs_geneval_rows():
+    """The default target (the GenEval detector) scores an image by its prompt's GenEval row, which Parti and
+    Pick-a-Pic prompts do not have: that fails when the config is read, not after training."""
+    with pytest.raises(ConfigError, match=r"world.prompt_sets \(parti\), evaluate.prompt_sets.mine: no GenEval "
+                                          r"metadata, which models.reward \(geneval_lite\) needs"):
+        load_config(REPO_CONFIG, overrides={"world": {"prompt_sets": ["parti"]},
+                                            "evaluate": {"prompt_sets": {"mine": "prompts.txt", "gen": "g.jsonl"}}})
+    load_config(REPO_CONFIG, overrides={"evaluate": {"prompt_sets": {"gen": "g.jsonl"}}})  # GenEval rows: fine
 
 
 def test_the_asset_check_names_missing_prompt_set_files():

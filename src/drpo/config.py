@@ -280,6 +280,7 @@ def _prompt_set_problems(config: dict[str, Any]) -> list[str]:
 
     problems = []
     world_sets = config["world"]["prompt_sets"] if config["world"]["enabled"] else []
+    plain = [f"world.prompt_sets ({name})" for name in world_sets]  # the stand-ins hold prompts, no GenEval rows
     for name, path in config["evaluate"]["prompt_sets"].items():
         if path is None:
             continue
@@ -287,10 +288,32 @@ def _prompt_set_problems(config: dict[str, Any]) -> list[str]:
             problems.append(f"evaluate.prompt_sets.{name}: the name is taken by "
                             f"{'the test prompts' if name == 'test' else 'a stand-in of world.prompt_sets'}")
         try:
-            prompt_file_kind(path)
+            if prompt_file_kind(path) != "geneval":
+                plain.append(f"evaluate.prompt_sets.{name}")
         except ValueError as error:
             problems.append(f"evaluate.prompt_sets.{name}: {error}")
+    if plain and (needing := _rewards_needing_metadata(config)):
+        problems.append(f"{', '.join(plain)}: no GenEval metadata, which {', '.join(needing)} needs to score an "
+                        "image; drop the set(s) or score with rewards that read prompts alone")
     return problems
+
+
+def _rewards_needing_metadata(config: dict[str, Any]) -> list[str]:
+    """The evaluation's rewards (the target and evaluate.rewards) that score with a metadata row per image (GenEval's
+    judges); misnamed rewards are left to _check_names."""
+    from drpo.rewards import REWARDS, reward_members
+
+    specs = [(config["models"]["reward"], "models.reward")]
+    specs += [({"name": label} | spec, f"evaluate.rewards.{label}")
+              for label, spec in config["evaluate"]["rewards"].items() if spec is not None]
+    needing = []
+    for spec, where in specs:
+        try:
+            members = reward_members(spec, where)
+        except ValueError:
+            continue
+        needing += [f"{where} ({name})" for _, name, _, _ in members if REWARDS[name].requires_metadata]
+    return needing
 
 
 def _judge_problems(config: dict[str, Any]) -> list[str]:

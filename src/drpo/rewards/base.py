@@ -58,9 +58,7 @@ class Reward(ABC):
         `with_grad=True` (differentiable rewards only) keeps the graph back to `images`.
         """
         self._check_grad(with_grad)
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"reward {self.name!r} expects images (N, 3, H, W), got shape {tuple(images.shape)}")
-        self._check_lengths(images.shape[0], prompts, metadata, "images")
+        self._check_images(images, prompts, metadata)
         with torch.set_grad_enabled(with_grad):
             scores = self._score(images, list(prompts), metadata)
         return self._check_scores(scores, (images.shape[0],))
@@ -83,6 +81,13 @@ class Reward(ABC):
     def _check_grad(self, with_grad: bool) -> None:
         if with_grad and not self.differentiable:
             raise ValueError(f"reward {self.name!r} is not differentiable; with_grad=True is not available for it")
+
+    def _check_images(self, images: Tensor, prompts: list[str], metadata: list[dict] | None) -> None:
+        """`score`'s argument checks (also those of the GenEval judges' `score_verdicts`): images (N, 3, H, W), one
+        prompt and, when given, one metadata row per image."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"reward {self.name!r} expects images (N, 3, H, W), got shape {tuple(images.shape)}")
+        self._check_lengths(images.shape[0], prompts, metadata, "images")
 
     def _check_lengths(self, n: int, prompts: list[str], metadata: list[dict] | None, what: str) -> None:
         if isinstance(prompts, str) or len(prompts) != n:

@@ -41,9 +41,7 @@ class GenEvalLiteReward(Reward):
     def score_verdicts(self, images: Tensor, prompts: list[str],
                        metadata: list[dict] | None = None) -> tuple[Tensor, list[dict]]:
         """(scores (N,), N verdicts {"correct": bool, "reason": str}), as the official GenEval worker's."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"reward {self.name!r} expects images (N, 3, H, W), got shape {tuple(images.shape)}")
-        self._check_lengths(images.shape[0], prompts, metadata, "images")
+        self._check_images(images, prompts, metadata)
         scores, verdicts = self._judge(images, list(prompts), metadata)
         return self._check_scores(scores, (images.shape[0],)), verdicts
 

@@ -351,9 +351,7 @@ class WorkerReward(Reward):
         """`score` plus the worker's per-image details (one JSON object per image, what the worker defines), in
         one pass: (scores (N,) float32 on CPU, N details). Training calls `score`, whose requests ask for none.
         WorkerError if the worker sends none."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"reward {self.name!r} expects images (N, 3, H, W), got shape {tuple(images.shape)}")
-        self._check_lengths(images.shape[0], prompts, metadata, "images")
+        self._check_images(images, prompts, metadata)
         with torch.no_grad():
             scores, per_image = self._batches(images, list(prompts), metadata, details=True)
         if per_image is None:

@@ -2,15 +2,9 @@
 
 
 def prompt_set_inputs(wildcards):
-    """evaluate's inputs, the prompts being the set's file when a rule writes it (the world's) or it exists; a missing
-    file of your own is listed by check_assets with the missing models (which evaluate_inputs then depends on)."""
-    inputs = evaluate_inputs(wildcards)
-    path = prompt_sets()[wildcards.prompt_set]
-    if config["world"]["enabled"] or Path(path).exists():
-        inputs["prompts"] = path
-    else:
-        del inputs["prompts"]
-    return inputs
+    """evaluate's inputs, with the set's prompt file (common.smk: prompt_file_input) for the test prompts."""
+    inputs = {key: path for key, path in evaluate_inputs(wildcards).items() if key != "prompts"}
+    return inputs | prompt_file_input(prompt_sets()[wildcards.prompt_set])
 
 
 rule evaluate_prompt_set:

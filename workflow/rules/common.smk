@@ -70,6 +70,12 @@ def prompt_sets():
     return sets | {name: path for name, path in config["evaluate"]["prompt_sets"].items() if path is not None}
 
 
+def prompt_file_input(path):
+    """{"prompts": path} when a rule writes the prompt file (the world's) or it exists, else {}: a missing file of
+    your own is listed by check_assets, which the models' inputs (models_of) then are."""
+    return {"prompts": path} if config["world"]["enabled"] or Path(path).exists() else {}
+
+
 def geneval_judged():
     """Whether evaluation gives GenEval verdicts per image: the miniature's detector, or a GenEval reward (the target
     or an evaluation reward), for prompts with GenEval metadata."""

@@ -41,9 +41,7 @@ def judge_inputs(wildcards):
                   "judge": config["judge"]["model"] + "/config.json"}
     else:
         inputs = model_inputs()  # the asset check, which lists the judge's files too
-    path = judge_prompt_sets()[wildcards.prompt_set]
-    if config["world"]["enabled"] or Path(path).exists():  # else the asset check lists it (rules/breakdowns.smk)
-        inputs["prompts"] = path
+    inputs |= prompt_file_input(judge_prompt_sets()[wildcards.prompt_set])
     for side in ("a", "b"):
         if run_dir := judge_run_dir(wildcards[side]):
             inputs[f"done_{side}"] = run_dir + "/train_done.json"
